@@ -1,0 +1,12 @@
+PYTHON ?= python3
+
+.PHONY: install demo test
+
+install:
+	$(PYTHON) -m pip install -q -r requirements.txt
+
+demo: install
+	vistune demo
+
+test: install
+	$(PYTHON) -m pytest -q

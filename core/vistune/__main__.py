@@ -1,0 +1,5 @@
+import sys
+
+from vistune.cli import main
+
+sys.exit(main())

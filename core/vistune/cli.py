@@ -1,0 +1,180 @@
+"""The ``vistune`` command.
+
+Only argparse and vistune's light modules are imported at start-up: torch and the
+model libraries are imported by the pipeline that needs them, so ``--help``,
+``--version``, ``plugins``, ``list`` and ``--dry-run`` answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from vistune import __version__
+from vistune.errors import VistuneError
+
+LIST_KINDS = ("models", "templates", "adapters", "algorithms", "rewards", "backends", "datasets")
+
+TASK_HELP = {
+    "sft": "supervised fine-tuning",
+    "rl": "reinforcement learning (GRPO, DAPO, ...)",
+    "infer": "generate answers for a dataset",
+    "serve": "OpenAI-compatible HTTP server",
+    "export": "merge an adapter into a standalone model",
+}
+
+
+def _config_keys_help() -> str:
+    from vistune.config import FIELDS
+
+    lines = ["config keys (YAML, or --key value on the command line):"]
+    for name, field in FIELDS.items():
+        meta = field.metadata
+        choices = f" [{'|'.join(map(str, meta['choices']))}]" if meta["choices"] else ""
+        lines.append(f"  {name}{choices}: {meta['help']} (default {field.default if field.default is not None else '-'})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vistune",
+        description="Fine-tune, RL-align and serve vision-language models from one YAML file.",
+        epilog="`vistune demo` trains a tiny Llava on generated shapes, end to end, on CPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"vistune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="list loaded plugins and what they registered")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("list", help="list registered models, templates, adapters, algorithms, rewards, backends or datasets")
+    p.add_argument("kind", choices=LIST_KINDS)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    keys_help = _config_keys_help()
+    for task, help_text in TASK_HELP.items():
+        p = sub.add_parser(
+            task,
+            help=help_text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=keys_help,
+            description=f"vistune {task}: {help_text}. Any config key can be given as --key value.",
+        )
+        p.add_argument("--config", "-c", help="YAML config file")
+        p.add_argument("--dry-run", action="store_true", help="validate and resolve everything, print the plan, load nothing")
+
+    p = sub.add_parser("demo", help="build a tiny Llava and a shapes dataset, fine-tune it and caption held-out images")
+    p.add_argument("--output-dir", default="vistune-demo", help="where the demo writes its data, model and logs")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    return parser
+
+
+def cmd_plugins(args) -> int:
+    from vistune.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    infos = sorted(pm.infos.values(), key=lambda i: i.name)
+    if args.json:
+        print(json.dumps([info.to_json() for info in infos], indent=2))
+        return 0
+    for info in infos:
+        status = "" if info.loaded and not info.errors else ("  BROKEN" if not info.loaded else "  (with errors)")
+        print(f"{info.name}  ({info.distribution} {info.version}){status}")
+        if info.hooks:
+            print(f"  hooks: {', '.join(info.hooks)}")
+        for kind, names in info.registered.items():
+            print(f"  {kind}: {', '.join(names)}")
+        for error in info.errors:
+            print(textwrap.indent(error, "  error: "))
+    return 0
+
+
+def _describe(kind: str, spec) -> dict:
+    data = {"name": spec.name, "description": spec.description}
+    if kind == "models":
+        data |= {"default_template": spec.default_template, "architectures": list(spec.architectures),
+                 "vision": spec.is_vision, "packing": spec.supports_packing}  # fmt: skip
+    elif kind == "checkpoints":
+        data |= {"model_type": spec.model_type, "hf_repo_id": spec.hf_repo_id, "env_var": spec.env_var}
+    elif kind == "datasets":
+        data |= {"format": spec.format, "hf_repo_id": spec.hf_repo_id, "env_var": spec.env_var,
+                 "generated": spec.builder is not None}  # fmt: skip
+    return data
+
+
+def cmd_list(args) -> int:
+    from vistune.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    kinds = ["models", "checkpoints"] if args.kind == "models" else [args.kind]
+    rows = []
+    for kind in kinds:
+        registry = pm.registries.by_kind[kind]
+        for spec in registry:
+            owner = registry.owner(spec.name)
+            rows.append({"kind": kind, **_describe(kind, spec), "plugin": owner.plugin, "distribution": owner.distribution})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for kind in kinds:
+        print(f"{kind}:")
+        for row in (r for r in rows if r["kind"] == kind):
+            extra = f" -> {row['hf_repo_id']}" if kind == "checkpoints" else ""
+            print(f"  {row['name']}{extra}  [{row['distribution']}]  {row['description']}")
+    return 0
+
+
+def cmd_task(args, overrides: list[str]) -> int:
+    from vistune.config import load_config
+    from vistune.plan import make_plan
+    from vistune.plugins import get_plugin_manager
+
+    loaded = load_config(args.config, overrides, task=args.command)
+    plan = make_plan(loaded, get_plugin_manager())
+    if args.dry_run:
+        print(plan.render())
+        return 0
+    plan.raise_if_not_ready()
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    from vistune.pipelines import run_pipeline
+
+    run_pipeline(plan)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from vistune.demo import run_demo
+
+    run_demo(args.output_dir, max_steps=args.max_steps)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if extra and args.command not in TASK_HELP:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "plugins":
+            return cmd_plugins(args)
+        if args.command == "list":
+            return cmd_list(args)
+        if args.command == "demo":
+            return cmd_demo(args)
+        return cmd_task(args, extra)
+    except VistuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

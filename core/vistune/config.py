@@ -1,0 +1,425 @@
+"""The run configuration: one flat YAML mapping, overridable from the command line.
+
+Flat on purpose: the reference configs in this field (``model: ...``, ``adapter: lora``,
+``gpu_num: 4``) are flat, and a flat namespace gives one obvious spelling per option
+and a useful "did you mean" for typos.  Every field is checked here, before any model
+or dataset is touched; errors name the file, line and field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vistune.errors import ConfigError
+
+TASKS = ("sft", "rl", "infer", "serve", "export")
+
+#: Names accepted for a key and the field they set (for flags of other tools).
+KEY_ALIASES = {
+    "model_id_or_path": "model",
+    "quant_method": "quantization",
+    "lr": "learning_rate",
+    "batch_size": "per_device_batch_size",
+    "epochs": "num_train_epochs",
+}
+
+
+def option(default: Any, help: str, *, type: str, choices: tuple | None = None, tasks: tuple[str, ...] = TASKS):
+    """Declare a config field: its value type, allowed values, help text and the tasks that read it."""
+    kwargs: dict[str, Any] = {"factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return attrs.field(**kwargs, metadata={"help": help, "type": type, "choices": choices, "tasks": tasks})
+
+
+_TRAIN = ("sft", "rl")
+_GEN = ("rl", "infer", "serve")
+
+
+@attrs.define
+class RunConfig:
+    """Every option of every task.  ``vistune sft --help`` and README.md list them."""
+
+    # -- what to run on ----------------------------------------------------------
+    task: str | None = option(None, "sft, rl, infer, serve or export; set by the command", type="str", choices=TASKS)
+    model: str | None = option(
+        None, "checkpoint alias (llava-v1.5-7b), local Hugging Face directory, or an earlier vistune output", type="str"
+    )
+    model_type: str | None = option(None, "force a registered model type instead of detecting it", type="str")
+    model_path: str | None = option(None, "local directory of the checkpoint that `model` names", type="path")
+    template: str | None = option(None, "chat template; defaults to the model type's", type="str")
+    dtype: str = option("auto", "weights dtype", type="str", choices=("auto", "float32", "bfloat16", "float16"))
+    attn_implementation: str | None = option(
+        None,
+        "attention kernel (sdpa, eager, flash_attention_2, flex_attention); default picks the fastest available",
+        type="str",
+    )
+    device: str = option("auto", "auto, cpu or cuda", type="str", choices=("auto", "cpu", "cuda"))
+    quantization: str = option(
+        "none",
+        "load the base model quantized: nf4, fp4, int8, q4_k_m (= nf4 for training), q8_0 (= int8), "
+        "or awq/gptq/fp8 for checkpoints that are already quantized",
+        type="str",
+        choices=("none", "nf4", "fp4", "int8", "q4_k_m", "q8_0", "awq", "gptq", "fp8"),
+    )
+    trust_remote_code: bool = option(False, "allow custom code in the checkpoint directory", type="bool")
+    output_dir: str = option("vistune-output", "where checkpoints, logs and results go", type="path")
+    seed: int = option(42, "random seed", type="int")
+
+    # -- data ----------------------------------------------------------------------
+    dataset: str | None = option(None, "dataset alias (llava-instruct-en) or a local JSON/JSONL file or directory", type="str")
+    dataset_path: str | None = option(None, "local directory of the dataset that `dataset` names", type="path")
+    eval_dataset: str | None = option(None, "held-out dataset (alias or path) for evaluation", type="str")
+    max_samples: int | None = option(None, "use at most this many records", type="int")
+    on_bad_record: str = option(
+        "error", "a broken record or missing image: stop (error) or skip and count (skip)", type="str", choices=("error", "skip")
+    )
+    allow_remote_images: bool = option(False, "allow http(s) image URLs in data and requests", type="bool")
+    max_length: int = option(2048, "longest tokenised sample", type="int")
+    truncation: str = option(
+        "error", "a sample longer than max_length: stop (error) or drop and count (drop)", type="str", choices=("error", "drop")
+    )
+
+    # -- adapter -------------------------------------------------------------------
+    adapter: str = option("lora", "lora, qlora, dora, galore, full, or a plugin's adapter", type="str", tasks=_TRAIN)
+    adapter_path: str | None = option(None, "trained adapter directory to load (infer, serve, export, rl)", type="path")
+    lora_rank: int = option(8, "LoRA rank r", type="int", tasks=_TRAIN)
+    lora_alpha: int = option(16, "LoRA alpha", type="int", tasks=_TRAIN)
+    lora_dropout: float = option(0.05, "LoRA dropout", type="float", tasks=_TRAIN)
+    lora_target_modules: list[str] = option(
+        ["q_proj", "v_proj"], "module names to adapt, or all-linear", type="str_list", tasks=_TRAIN
+    )
+    lora_scope: str = option(
+        "language_model",
+        "where target modules are looked for: language_model, or all (vision tower and projector too)",
+        type="str",
+        choices=("language_model", "all"),
+        tasks=_TRAIN,
+    )
+    freeze_vision_tower: bool = option(True, "keep the vision tower frozen (full and galore adapters)", type="bool", tasks=_TRAIN)
+    freeze_projector: bool = option(False, "keep the projector frozen (full and galore adapters)", type="bool", tasks=_TRAIN)
+    freeze_language_model: bool = option(False, "keep the language model frozen (full adapter)", type="bool", tasks=_TRAIN)
+    vision_tower_lr: float | None = option(None, "learning rate of the vision tower (default learning_rate)", type="float", tasks=_TRAIN)
+    projector_lr: float | None = option(None, "learning rate of the projector (default learning_rate)", type="float", tasks=_TRAIN)
+    galore_rank: int = option(128, "GaLore projection rank", type="int", tasks=_TRAIN)
+    galore_update_proj_gap: int = option(200, "GaLore steps between projection updates", type="int", tasks=_TRAIN)
+    galore_scale: float = option(0.25, "GaLore gradient scale", type="float", tasks=_TRAIN)
+
+    # -- training ------------------------------------------------------------------
+    learning_rate: float = option(1e-4, "peak learning rate", type="float", tasks=_TRAIN)
+    num_train_epochs: float = option(1.0, "epochs over the dataset", type="float", tasks=_TRAIN)
+    max_steps: int = option(-1, "stop after this many optimizer steps (-1: use epochs)", type="int", tasks=_TRAIN)
+    per_device_batch_size: int = option(1, "samples (or packed rows) per device and step", type="int", tasks=_TRAIN + ("infer",))
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", type="int", tasks=_TRAIN)
+    warmup_ratio: float = option(0.0, "fraction of steps spent warming up", type="float", tasks=_TRAIN)
+    weight_decay: float = option(0.0, "AdamW weight decay", type="float", tasks=_TRAIN)
+    lr_scheduler_type: str = option("cosine", "transformers scheduler name", type="str", tasks=_TRAIN)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", type="float", tasks=_TRAIN)
+    packing: bool = option(False, "pack several samples per row, each attending only to itself", type="bool", tasks=("sft",))
+    max_packed_length: int = option(4096, "tokens per packed row", type="int", tasks=("sft",))
+    gradient_checkpointing: bool = option(False, "recompute activations to save memory", type="bool", tasks=_TRAIN)
+    bf16: bool | None = option(None, "bfloat16 mixed precision (default: on when a GPU supports it)", type="bool", tasks=_TRAIN)
+    liger: bool = option(False, "use Liger kernels when installed (fused cross-entropy, RMSNorm, SwiGLU)", type="bool", tasks=_TRAIN)
+    logging_steps: int = option(1, "log every N steps", type="int", tasks=_TRAIN)
+    save_steps: int = option(500, "checkpoint every N steps", type="int", tasks=_TRAIN)
+    save_total_limit: int | None = option(2, "keep at most N checkpoints", type="int", tasks=_TRAIN)
+    resume: str = option(
+        "none",
+        "auto (continue from the newest complete checkpoint in output_dir), none, or a checkpoint directory",
+        type="str",
+        tasks=_TRAIN,
+    )
+    overwrite_output_dir: bool = option(False, "allow starting over in an output_dir that has checkpoints", type="bool", tasks=_TRAIN)
+    parallel_method: str = option("none", "none, ddp or fsdp", type="str", choices=("none", "ddp", "fsdp"), tasks=_TRAIN)
+    gpu_num: int = option(1, "processes (GPUs) per node; >1 starts them with torchrun", type="int", tasks=_TRAIN)
+    nnodes: int = option(1, "nodes taking part (multi-node: same config on every node)", type="int", tasks=_TRAIN)
+    node_rank: int = option(0, "this node's rank among nnodes", type="int", tasks=_TRAIN)
+    master_addr: str = option("127.0.0.1", "rendezvous host for multi-node runs", type="str", tasks=_TRAIN)
+    master_port: int = option(29500, "rendezvous port", type="int", tasks=_TRAIN)
+    report_to: list[str] = option(["jsonl", "tensorboard"], "metric sinks: jsonl, tensorboard", type="str_list", tasks=_TRAIN)
+
+    # -- reinforcement learning ----------------------------------------------------
+    algorithm: str = option("grpo", "grpo, dapo, gspo, rloo or a plugin's algorithm", type="str", tasks=("rl",))
+    algorithm_options: dict = option({}, "extra options passed to the algorithm", type="dict", tasks=("rl",))
+    rewards: list = option(
+        [], "reward names, file.py:Name references, or {name, weight, options} mappings", type="rewards", tasks=("rl", "infer")
+    )
+    reward_error_policy: str = option(
+        "raise", "a reward that raises: stop (raise), or score the sample None (skip)", type="str", choices=("raise", "skip"), tasks=("rl",)
+    )
+    num_generations: int = option(4, "completions per prompt (group size)", type="int", tasks=("rl",))
+    max_completion_length: int = option(64, "longest completion in RL rollouts", type="int", tasks=("rl",))
+    beta: float = option(0.0, "KL coefficient against the reference model (0: no reference model)", type="float", tasks=("rl",))
+    epsilon: float = option(0.2, "lower (and default upper) clipping range", type="float", tasks=("rl",))
+    epsilon_high: float | None = option(None, "upper clipping range (clip-higher); default epsilon", type="float", tasks=("rl",))
+
+    # -- generation, inference and serving -----------------------------------------
+    backend: str = option("transformers", "inference engine: transformers, vllm, sglang, or a plugin's", type="str", tasks=_GEN)
+    max_new_tokens: int = option(128, "longest generated answer", type="int", tasks=("infer", "serve"))
+    temperature: float | None = option(None, "sampling temperature (default: 1.0 for rl, greedy for infer)", type="float", tasks=_GEN)
+    top_p: float = option(1.0, "nucleus sampling", type="float", tasks=_GEN)
+    output_file: str | None = option(None, "JSONL of outputs (default output_dir/predictions.jsonl)", type="path", tasks=("infer",))
+    metrics: list[str] = option([], "score outputs against references: bleu, exact_match", type="str_list", tasks=("infer",))
+    host: str = option("127.0.0.1", "address to listen on", type="str", tasks=("serve",))
+    port: int = option(8000, "port to listen on", type="int", tasks=("serve",))
+    api_key: str | None = option(None, "require this bearer token (default: env VISTUNE_API_KEY if set)", type="str", tasks=("serve",))
+    served_model_name: str | None = option(None, "model id shown in /v1/models (default: the model's name)", type="str", tasks=("serve",))
+    max_batch_size: int = option(8, "requests batched together by the engine", type="int", tasks=("serve", "infer"))
+    max_queue: int = option(64, "waiting requests before new ones get 429", type="int", tasks=("serve",))
+    allowed_local_media_path: str | None = option(
+        None, "directory from which file:// images may be read (default: none)", type="path", tasks=("serve", "infer")
+    )
+    max_image_pixels: int = option(4096 * 4096, "largest accepted image, in pixels", type="int", tasks=("serve", "infer"))
+    tensor_parallel_size: int = option(1, "GPUs per model replica (vllm, sglang)", type="int", tasks=("serve", "infer"))
+    gpu_memory_utilization: float = option(0.9, "fraction of GPU memory the engine may take (vllm, sglang)", type="float", tasks=_GEN)
+
+    # -- export --------------------------------------------------------------------
+    export_dir: str | None = option(None, "where the merged model goes (default output_dir/merged)", type="path", tasks=("export",))
+
+
+FIELDS: dict[str, attrs.Attribute] = {a.name: a for a in attrs.fields(RunConfig)}
+
+
+@attrs.frozen
+class Source:
+    """Where a config value came from, for error messages."""
+
+    file: str | None = None
+    line: int | None = None
+    flag: str | None = None
+
+    def __str__(self) -> str:
+        if self.flag:
+            return f"command line {self.flag}"
+        if self.file and self.line:
+            return f"{self.file}:{self.line}"
+        return self.file or "defaults"
+
+
+@attrs.define
+class LoadedConfig:
+    """A validated config and where each of its values came from."""
+
+    config: RunConfig
+    sources: dict[str, Source]
+    path: str | None = None
+
+    def where(self, field: str) -> str:
+        return str(self.sources.get(field, Source()))
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Source]]:
+    """Read a YAML mapping, remembering the line of every top-level key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values, not a {type(data).__name__}")
+    sources = {}
+    for key_node, _ in node.value:
+        sources[str(key_node.value)] = Source(file=str(path), line=key_node.start_mark.line + 1)
+    return data, sources
+
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, Source]]:
+    """``["--lr", "1e-4", "--lora_target_modules=[q_proj,k_proj]"]`` -> values parsed as YAML scalars."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    sources: dict[str, Source] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected command-line argument {arg!r}; options look like --key value")
+        key, eq, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                raw = args[i + 1]
+                i += 1
+            else:
+                raw = "true"  # a bare flag: --packing
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        values[key] = value
+        sources[key] = Source(flag=f"--{key}")
+        i += 1
+    return values, sources
+
+
+# -- validation ------------------------------------------------------------------------
+
+
+def _convert(name: str, value: Any, where: str) -> Any:
+    field = FIELDS[name]
+    meta = field.metadata
+    kind = meta["type"]
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if value is None:
+        if field.default is None:
+            return None
+        raise bad(f"a {kind.replace('_', ' ')} (null is not allowed here)")
+    if kind in ("str", "path"):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad("a string")
+        value = str(value)
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif kind == "float":
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    elif kind == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            value = value.lower() in ("true", "yes", "on", "1")
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == "str_list":
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+    elif kind == "dict":
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+    elif kind == "rewards":
+        value = _convert_rewards(value, where)
+    choices = meta["choices"]
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}{suggestion}")
+    return value
+
+
+def _convert_rewards(value: Any, where: str) -> list[dict[str, Any]]:
+    """Rewards normalise to ``[{"name": str, "weight": float, "options": dict}]``."""
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: rewards must be a list of reward names or mappings, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ConfigError(f"{where}: rewards[{i}] must be a name or a mapping with a 'name' key, got {item!r}")
+        unknown = set(item) - {"name", "weight", "options"}
+        if unknown:
+            raise ConfigError(f"{where}: rewards[{i}] has unknown keys {sorted(unknown)}; allowed: name, weight, options")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{where}: rewards[{i}].weight must be a number, got {weight!r}")
+        options = item.get("options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}: rewards[{i}].options must be a mapping, got {options!r}")
+        out.append({"name": item["name"], "weight": float(weight), "options": options})
+    return out
+
+
+def _check_ranges(config: RunConfig, loaded: LoadedConfig) -> None:
+    positive = (
+        "lora_rank", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "max_packed_length",
+        "num_generations", "max_completion_length", "max_new_tokens", "gpu_num", "nnodes", "logging_steps",
+        "save_steps", "max_batch_size", "max_queue", "tensor_parallel_size",
+    )  # fmt: skip
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{loaded.where(name)}: {name} must be at least 1, got {getattr(config, name)}")
+    for name in ("learning_rate", "lora_dropout", "warmup_ratio", "weight_decay", "beta", "epsilon"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{loaded.where(name)}: {name} must not be negative, got {getattr(config, name)}")
+    if not 0 <= config.node_rank < config.nnodes:
+        raise ConfigError(f"{loaded.where('node_rank')}: node_rank must be in [0, nnodes), got {config.node_rank}")
+    if config.epsilon_high is not None and config.epsilon_high < config.epsilon:
+        raise ConfigError(f"{loaded.where('epsilon_high')}: epsilon_high must be >= epsilon ({config.epsilon})")
+    if not 1 <= config.port <= 65535:
+        raise ConfigError(f"{loaded.where('port')}: port must be in 1..65535, got {config.port}")
+    if config.num_generations < 2 and config.task == "rl":
+        raise ConfigError(f"{loaded.where('num_generations')}: group-relative RL needs num_generations >= 2")
+
+
+def unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(FIELDS) + list(KEY_ALIASES), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "`vistune sft --help` lists every key"
+    return ConfigError(f"{where}: unknown key {key!r} ({hint})")
+
+
+def build_config(
+    values: Mapping[str, Any], sources: Mapping[str, Source] | None = None, path: str | None = None
+) -> LoadedConfig:
+    """Validate raw values (from YAML and flags) into a :class:`LoadedConfig`."""
+    sources = dict(sources or {})
+    converted: dict[str, Any] = {}
+    field_sources: dict[str, Source] = {}
+    for key, value in values.items():
+        where = str(sources.get(key, Source(file=path)))
+        name = KEY_ALIASES.get(key, key)
+        if name not in FIELDS:
+            raise unknown_key_error(key, where)
+        converted[name] = _convert(name, value, where)
+        field_sources[name] = sources.get(key, Source(file=path))
+    config = RunConfig(**converted)
+    loaded = LoadedConfig(config, field_sources, path)
+    _check_ranges(config, loaded)
+    return loaded
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, task: str | None = None) -> LoadedConfig:
+    """YAML file (optional) + ``--key value`` overrides (+ the command's task) -> validated config."""
+    values: dict[str, Any] = {}
+    sources: dict[str, Source] = {}
+    if path:
+        values, sources = read_yaml(path)
+    flag_values, flag_sources = parse_overrides(overrides or [])
+    for key, value in flag_values.items():
+        # a flag given under an alias replaces the file's value under the canonical name
+        canonical = KEY_ALIASES.get(key, key)
+        for other in [k for k in values if KEY_ALIASES.get(k, k) == canonical]:
+            del values[other]
+        values[key] = value
+        sources[key] = flag_sources[key]
+    if task is not None:
+        file_task = values.get("task")
+        if file_task is not None and file_task != task:
+            raise ConfigError(
+                f"{sources.get('task', Source(file=path))}: task is {file_task!r} but the command is `vistune {task}`",
+                hint=f"run `vistune {file_task} --config {path}` or remove the task key",
+            )
+        values["task"] = task
+    return build_config(values, sources, path)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return attrs.asdict(config)

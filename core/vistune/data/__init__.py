@@ -1,0 +1,1 @@
+"""Datasets: finding them, reading their records, encoding and batching them."""

@@ -1,0 +1,95 @@
+"""Where a config's ``dataset`` lives: a local file/directory, or a registered alias."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+from vistune.registry import Registry
+from vistune.specs import Dataset
+
+
+def cache_dir() -> Path:
+    """vistune's cache for things it generates (tiny models, embedded datasets)."""
+    return Path(os.environ.get("VISTUNE_CACHE_DIR") or Path.home() / ".cache" / "vistune")
+
+
+@attrs.frozen
+class DatasetLocation:
+    """The resolved dataset: its records file (or directory), image root and format."""
+
+    data_file: Path | None
+    image_dir: Path | None
+    format: str | None
+    spec: Dataset | None = None
+    #: How it was found, or, when ``data_file`` is None, what is missing and how to fix it.
+    how: str = ""
+    #: The builder must run first (embedded datasets are generated on first use).
+    needs_build: bool = False
+    hint: str | None = None
+
+    @property
+    def found(self) -> bool:
+        return self.data_file is not None
+
+
+def guess_format(path: Path) -> str:
+    """A local path's format: a ``datasets`` save_to_disk directory, or JSON/JSONL records."""
+    if path.is_dir() and any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        return "hf-disk"
+    return "records"  # messages or llava-instruct, told apart per record by the reader
+
+
+def locate_dataset(name: str, registry: Registry[Dataset], dataset_path: str | None = None) -> DatasetLocation:
+    path = Path(name).expanduser()
+    if name not in registry and path.exists():
+        if path.is_dir() and guess_format(path) != "hf-disk":
+            candidates = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.json"))
+            if not candidates:
+                return DatasetLocation(None, None, None, how=f"{path} holds no .json/.jsonl records file")
+            path = candidates[0]
+        return DatasetLocation(path, path.parent if path.is_file() else path, guess_format(path), how="local path")
+    if name not in registry:
+        if "/" in name or name.endswith((".json", ".jsonl")):
+            return DatasetLocation(None, None, None, how=f"{name} does not exist")
+        return DatasetLocation(None, None, None, how=registry.unknown_message(name))
+    spec = registry.get(name)
+    data_root = os.environ.get("VISTUNE_DATA_DIR")
+    tried = [
+        ("dataset_path in the config", Path(dataset_path) if dataset_path else None),
+        (f"environment variable {spec.env_var}", Path(os.environ[spec.env_var]) if os.environ.get(spec.env_var) else None),
+        ("VISTUNE_DATA_DIR", Path(data_root) / spec.name if data_root else None),
+    ]
+    for how, root in tried:
+        if root is None:
+            continue
+        data_file = root / spec.data_file if spec.data_file else root
+        if data_file.exists():
+            return DatasetLocation(data_file, root / spec.image_dir, spec.format, spec, how=f"{how}: {root}")
+        return DatasetLocation(
+            None, None, spec.format, spec,
+            how=f"{how} points at {root}, but {data_file} does not exist",
+            hint=_layout_hint(spec),
+        )  # fmt: skip
+    if spec.builder is not None:
+        root = cache_dir() / "datasets" / spec.name
+        data_file = root / spec.data_file
+        return DatasetLocation(
+            data_file, root / spec.image_dir, spec.format, spec,
+            how=f"generated locally into {root}", needs_build=not data_file.exists(),
+        )  # fmt: skip
+    source = f"the Hugging Face dataset {spec.hf_repo_id}" if spec.hf_repo_id else "its files"
+    return DatasetLocation(
+        None, None, spec.format, spec,
+        how=f"dataset {name!r} is not on this machine",
+        hint=f"download {source} and set dataset_path (or {spec.env_var}) to its directory; " + _layout_hint(spec),
+    )  # fmt: skip
+
+
+def _layout_hint(spec: Dataset) -> str:
+    layout = f"the directory must hold {spec.data_file or 'the records'}"
+    if spec.image_dir:
+        layout += f" and the images under {spec.image_dir}/"
+    return layout

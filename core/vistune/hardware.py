@@ -1,0 +1,16 @@
+"""What accelerators this machine has, found without importing torch (for --dry-run)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+
+def visible_gpu_count() -> int:
+    """NVIDIA GPUs visible to this process (device nodes, narrowed by CUDA_VISIBLE_DEVICES)."""
+    devices = [d for d in glob.glob("/dev/nvidia[0-9]*") if d[len("/dev/nvidia") :].isdigit()]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        wanted = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        return min(len(wanted), len(devices))
+    return len(devices)

@@ -1,0 +1,121 @@
+"""Finding checkpoints on disk and deciding which model type they are.
+
+Loading itself is the model type's ``loader``; this module only decides *what* to
+load, and does so without importing torch so that ``--dry-run`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import attrs
+
+from vistune.errors import RegistryError
+from vistune.quantization import QuantizationScheme
+from vistune.registry import Registry
+from vistune.specs import ModelAlias, ModelType
+
+#: Written next to every model vistune saves; records how it was trained.
+RUN_FILE = "vistune_run.json"
+
+
+@attrs.frozen
+class LoadOptions:
+    """How a model type's loader should load a checkpoint."""
+
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str | None = None
+    quantization: QuantizationScheme | None = None
+    trust_remote_code: bool = False
+    #: Training loads keep the vision tower in full precision and enable input grads.
+    for_training: bool = False
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The snapshot of ``repo_id`` in the local Hugging Face cache, if one was downloaded."""
+    repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+        if (snapshot / "config.json").is_file():
+            return snapshot
+    snapshots = sorted((repo_dir / "snapshots").glob("*/config.json")) if repo_dir.is_dir() else []
+    return snapshots[-1].parent if snapshots else None
+
+
+def alias_locations(alias: ModelAlias, model_path: str | None) -> list[tuple[str, Path | None]]:
+    """Where a checkpoint alias may live, in the order they are tried: (how, directory)."""
+    models_dir = os.environ.get("VISTUNE_MODELS_DIR")
+    return [
+        ("model_path in the config", Path(model_path) if model_path else None),
+        (f"environment variable {alias.env_var}", Path(os.environ[alias.env_var]) if os.environ.get(alias.env_var) else None),
+        ("VISTUNE_MODELS_DIR", Path(models_dir) / alias.name if models_dir else None),
+        (f"Hugging Face cache ({hf_cache_dir()})", hf_cache_snapshot(alias.hf_repo_id)),
+    ]
+
+
+def read_hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(
+            f"{directory} has no config.json, so it is not a Hugging Face model directory",
+            hint="point `model` at the directory that save_pretrained() wrote",
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_run_file(directory: Path) -> dict | None:
+    path = directory / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path} is not valid JSON: {exc}") from None
+
+
+def detect_model_type(directory: Path, models: Registry[ModelType], explicit: str | None = None) -> tuple[ModelType, str]:
+    """Decide the model type of a checkpoint; returns the type and how it was decided.
+
+    Order: the explicit ``model_type``; the type recorded in vistune's run file next
+    to the checkpoint; ``config.json``'s ``architectures``, then its ``model_type``.
+    """
+    if explicit:
+        return models.get(explicit), "model_type in the config"
+    run = read_run_file(directory)
+    if run and run.get("model_type") in models:
+        return models.get(run["model_type"]), f"{RUN_FILE} next to the checkpoint"
+    hf_config = read_hf_config(directory)
+    architectures = hf_config.get("architectures") or []
+    for field, values, how in (
+        ("architectures", set(architectures), f"config.json architectures {architectures}"),
+        ("hf_model_types", {hf_config.get("model_type")}, f"config.json model_type {hf_config.get('model_type')!r}"),
+    ):
+        matches = [spec for spec in models if set(getattr(spec, field)) & values]
+        if len(matches) == 1:
+            return matches[0], how
+        if len(matches) > 1:
+            names = ", ".join(m.name for m in matches)
+            raise RegistryError(
+                f"{directory}: {how} matches several model types ({names})",
+                hint="set model_type to one of them",
+            )
+    raise RegistryError(
+        f"{directory}: no registered model type matches config.json (architectures {architectures}, "
+        f"model_type {hf_config.get('model_type')!r}); registered: {', '.join(models.names()) or 'none'}",
+        hint="set model_type to one of the registered types, or register a new one with a plugin "
+        "(PLUGINS.md, vistune_register_models)",
+    )

@@ -1,0 +1,307 @@
+"""Resolving a validated config into a Plan: every name looked up, every path found.
+
+The plan is what ``--dry-run`` prints.  Resolution never imports torch or loads weights,
+and collects *all* problems instead of stopping at the first, so one dry run tells
+the user everything that is missing.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vistune import specs
+from vistune.config import FIELDS, LoadedConfig, RunConfig
+from vistune.data.locate import DatasetLocation, locate_dataset
+from vistune.errors import VistuneError
+from vistune.hardware import visible_gpu_count
+from vistune.models import alias_locations, detect_model_type
+from vistune.plugins import PluginManager
+from vistune.quantization import QuantizationScheme, get_scheme
+
+
+@attrs.define
+class Problem:
+    """Something that stops the run: which field, what is wrong, how to fix it."""
+
+    field: str
+    where: str
+    message: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.field}: {self.message}"
+        return text + (f"\n      fix: {self.hint}" if self.hint else "")
+
+
+@attrs.define
+class RewardUse:
+    """A reward as the run will call it."""
+
+    name: str
+    weight: float
+    options: dict[str, Any]
+    spec: specs.Reward | None = None
+    #: ``path/to/file.py:Name`` references are loaded from that file.
+    file: Path | None = None
+    attribute: str | None = None
+
+
+@attrs.define
+class Launch:
+    processes_per_node: int
+    nnodes: int
+    method: str
+    device: str
+
+    @property
+    def distributed(self) -> bool:
+        return self.processes_per_node * self.nnodes > 1
+
+
+@attrs.define
+class Plan:
+    loaded: LoadedConfig
+    model_dir: Path | None = None
+    model_type: specs.ModelType | None = None
+    template: specs.Template | None = None
+    adapter: specs.Adapter | None = None
+    quantization: QuantizationScheme | None = None
+    dataset: DatasetLocation | None = None
+    eval_dataset: DatasetLocation | None = None
+    algorithm: specs.Algorithm | None = None
+    rewards: list[RewardUse] = attrs.field(factory=list)
+    backend: specs.Backend | None = None
+    launch: Launch | None = None
+    lines: list[tuple[str, str]] = attrs.field(factory=list)
+    notes: list[str] = attrs.field(factory=list)
+    problems: list[Problem] = attrs.field(factory=list)
+
+    @property
+    def config(self) -> RunConfig:
+        return self.loaded.config
+
+    @property
+    def ready(self) -> bool:
+        return not self.problems
+
+    def problem(self, field: str, message: str, hint: str | None = None) -> None:
+        self.problems.append(Problem(field, self.loaded.where(field), message, hint))
+
+    def render(self) -> str:
+        width = max((len(k) for k, _ in self.lines), default=0)
+        out = [f"vistune {self.config.task} plan" + (f" ({self.loaded.path})" if self.loaded.path else "")]
+        out += [f"  {key.ljust(width)}  {value}" for key, value in self.lines]
+        out += [f"  note: {note}" for note in self.notes]
+        if self.problems:
+            out.append(f"not ready: {len(self.problems)} problem(s)")
+            out += [f"  - {p}" for p in self.problems]
+        else:
+            out.append("ready")
+        return "\n".join(out)
+
+    def raise_if_not_ready(self) -> None:
+        if self.problems:
+            raise VistuneError(
+                "the run cannot start:\n" + "\n".join(f"  - {p}" for p in self.problems),
+                hint=f"`vistune {self.config.task} --config ... --dry-run` shows the whole plan",
+            )
+
+
+def _lookup(plan: Plan, registry, field: str, name: str):
+    try:
+        spec = registry.get(name)
+    except VistuneError as exc:
+        plan.problem(field, exc.message, exc.hint)
+        return None
+    owner = registry.owner(name)
+    plan.lines.append((field, f"{name}  [{owner.distribution}]"))
+    return spec
+
+
+def _check_requirements(plan: Plan, field: str, what: str, requires: tuple[str, ...], requires_cuda: bool) -> None:
+    missing = [module for module in requires if importlib.util.find_spec(module) is None]
+    if missing:
+        plan.problem(field, f"{what} needs the Python package(s) {', '.join(missing)}, which are not installed",
+                     hint=f"pip install {' '.join(missing)}")  # fmt: skip
+    if requires_cuda and (plan.config.device == "cpu" or visible_gpu_count() == 0):
+        plan.problem(field, f"{what} needs a CUDA GPU and this run has none",
+                     hint="run on a machine with an NVIDIA GPU, or choose a CPU-capable option")  # fmt: skip
+
+
+def _resolve_model(plan: Plan, pm: PluginManager) -> None:
+    config = plan.config
+    if not config.model:
+        plan.problem("model", "no model given", hint="set model: to a checkpoint alias or a local directory")
+        return
+    path = Path(config.model).expanduser()
+    explicit_type = config.model_type
+    if config.model in pm.registries.checkpoints:
+        alias = pm.registries.checkpoints.get(config.model)
+        explicit_type = explicit_type or alias.model_type
+        found = [(how, d) for how, d in alias_locations(alias, config.model_path) if d is not None]
+        existing = [(how, d) for how, d in found if (d / "config.json").is_file()]
+        if not existing:
+            tried = "; ".join(f"{how}: {d} has no config.json" for how, d in found) or "nothing points at a local copy"
+            plan.problem(
+                "model",
+                f"{config.model!r} is the Hugging Face checkpoint {alias.hf_repo_id}, which is not on this machine ({tried})",
+                hint=f"download it (huggingface-cli download {alias.hf_repo_id} --local-dir DIR) and set model_path: DIR "
+                f"in the config, or export {alias.env_var}=DIR",
+            )
+            if explicit_type in pm.registries.models:
+                plan.model_type = pm.registries.models.get(explicit_type)
+                plan.lines.append(("model_type", f"{explicit_type}  (from the alias)"))
+            return
+        how, plan.model_dir = existing[0]
+        plan.lines.append(("model", f"{config.model} -> {plan.model_dir}  ({how})"))
+    elif path.is_dir():
+        plan.model_dir = path
+        plan.lines.append(("model", str(path)))
+    else:
+        hint = "set model: to a registered alias (`vistune list models`) or to a local Hugging Face directory"
+        if path.exists():
+            message = f"{config.model} is a file, not a model directory"
+        elif config.model.count("/") == 1 and not config.model.startswith((".", "/")):
+            message = f"{config.model!r} looks like a Hugging Face repo id; vistune never downloads at run time"
+            hint = f"download it (huggingface-cli download {config.model} --local-dir DIR) and set model: DIR"
+        else:
+            close = pm.registries.checkpoints.unknown_message(config.model)
+            message = f"{config.model!r} is neither a local directory nor a registered alias ({close})"
+        plan.problem("model", message, hint)
+        return
+    try:
+        plan.model_type, how = detect_model_type(plan.model_dir, pm.registries.models, explicit_type)
+        owner = pm.registries.models.owner(plan.model_type.name)
+        plan.lines.append(("model_type", f"{plan.model_type.name}  [{owner.distribution}] ({how})"))
+    except VistuneError as exc:
+        plan.problem("model_type", exc.message, exc.hint)
+
+
+def _resolve_dataset(plan: Plan, pm: PluginManager, field: str, name: str | None, required: bool) -> DatasetLocation | None:
+    if not name:
+        if required:
+            plan.problem(field, f"`vistune {plan.config.task}` needs a dataset",
+                         hint=f"set {field}: to a dataset alias (`vistune list datasets`) or a JSON/JSONL file")  # fmt: skip
+        return None
+    location = locate_dataset(name, pm.registries.datasets, plan.config.dataset_path if field == "dataset" else None)
+    if location.found:
+        plan.lines.append((field, f"{name} -> {location.data_file}  ({location.how})"))
+    else:
+        plan.problem(field, location.how, location.hint)
+    return location
+
+
+def _resolve_rewards(plan: Plan, pm: PluginManager, required: bool) -> None:
+    config = plan.config
+    if required and not config.rewards:
+        plan.problem("rewards", "RL needs at least one reward", hint="e.g. rewards: [bleu] (`vistune list rewards`)")
+    for entry in config.rewards:
+        use = RewardUse(entry["name"], entry["weight"], entry["options"])
+        file_part, sep, attribute = entry["name"].rpartition(":")
+        if sep and file_part.endswith(".py"):
+            file = Path(file_part)
+            if not file.is_file():
+                plan.problem("rewards", f"reward file {file} does not exist")
+                continue
+            try:
+                tree = ast.parse(file.read_text(), filename=str(file))
+            except SyntaxError as exc:
+                plan.problem("rewards", f"{file}:{exc.lineno}: syntax error: {exc.msg}")
+                continue
+            defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+            defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+            if attribute not in defined:
+                plan.problem("rewards", f"{file} defines no {attribute!r} (top-level names: {', '.join(sorted(defined))})")
+                continue
+            use.file, use.attribute = file, attribute
+            plan.lines.append(("rewards", f"{entry['name']} x {use.weight:g}  (local file)"))
+        else:
+            use.spec = _lookup(plan, pm.registries.rewards, "rewards", entry["name"])
+            if use.spec is None:
+                continue
+            plan.lines[-1] = ("rewards", plan.lines[-1][1] + f" x {use.weight:g}")
+        plan.rewards.append(use)
+
+
+def _resolve_launch(plan: Plan) -> None:
+    config = plan.config
+    method = config.parallel_method
+    if config.gpu_num > 1 and method == "none":
+        method = "ddp"
+        plan.notes.append("gpu_num > 1 with parallel_method none: using ddp")
+    if method != "none" and config.gpu_num == 1 and config.nnodes == 1:
+        plan.notes.append(f"parallel_method {method} with gpu_num 1 runs a single process")
+    gpus = visible_gpu_count()
+    device = config.device if config.device != "auto" else ("cuda" if gpus else "cpu")
+    if device == "cuda" and config.gpu_num > gpus:
+        plan.problem("gpu_num", f"{config.gpu_num} GPU processes asked for, but this machine has {gpus} visible GPU(s)",
+                     hint=f"set gpu_num: {max(gpus, 1)}" + ("" if gpus else ", or device: cpu to run the processes on CPU "
+                     "(gloo backend, for testing)"))  # fmt: skip
+    plan.launch = Launch(config.gpu_num, config.nnodes, method, device)
+    total = config.gpu_num * config.nnodes
+    where = f"{config.nnodes} node(s) x {config.gpu_num} process(es)" if config.nnodes > 1 else f"{config.gpu_num} process(es)"
+    plan.lines.append(("launch", f"{method if total > 1 else 'single process'} on {device}, {where}"))
+
+
+def _note_unused(plan: Plan) -> None:
+    task = plan.config.task
+    for name in plan.loaded.sources:
+        if name != "task" and task not in FIELDS[name].metadata["tasks"]:
+            plan.notes.append(f"{name} ({plan.loaded.where(name)}) is not used by `vistune {task}`")
+
+
+def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
+    """Resolve every name and path the config mentions; problems are collected, not raised."""
+    plan = Plan(loaded)
+    config = loaded.config
+    task = config.task
+    for error in pm.errors():
+        plan.notes.append(f"plugin problem (other plugins still work): {error}")
+    _resolve_model(plan, pm)
+    if task in ("sft", "rl", "infer", "serve"):
+        template_name = config.template or (plan.model_type.default_template if plan.model_type else None)
+        if template_name:
+            plan.template = _lookup(plan, pm.registries.templates, "template", template_name)
+    try:
+        plan.quantization = get_scheme(config.quantization)
+    except KeyError:  # choices are validated by the config; kept for plugins that extend them
+        plan.problem("quantization", f"unknown quantization {config.quantization!r}")
+    if plan.quantization:
+        plan.lines.append(("quantization", f"{config.quantization}: {plan.quantization.description}"))
+        _check_requirements(plan, "quantization", f"quantization {config.quantization}",
+                            plan.quantization.requires, plan.quantization.requires_cuda)  # fmt: skip
+    if task in ("sft", "rl"):
+        plan.adapter = _lookup(plan, pm.registries.adapters, "adapter", config.adapter)
+        if plan.adapter:
+            _check_requirements(plan, "adapter", f"adapter {config.adapter}", plan.adapter.requires, plan.adapter.requires_cuda)
+            if plan.adapter.name in ("lora", "dora", "qlora"):
+                targets = ", ".join(config.lora_target_modules)
+                plan.lines.append(("lora", f"r={config.lora_rank} alpha={config.lora_alpha} on [{targets}] in {config.lora_scope}"))
+        if config.packing and plan.model_type and not plan.model_type.supports_packing:
+            plan.problem("packing", f"model type {plan.model_type.name} cannot isolate packed samples from each other",
+                         hint="set packing: false for this model type")  # fmt: skip
+        _resolve_launch(plan)
+    if task in ("sft", "rl", "infer"):
+        plan.dataset = _resolve_dataset(plan, pm, "dataset", config.dataset, required=True)
+        plan.eval_dataset = _resolve_dataset(plan, pm, "eval_dataset", config.eval_dataset, required=False)
+    if task == "rl":
+        plan.algorithm = _lookup(plan, pm.registries.algorithms, "algorithm", config.algorithm)
+    if task in ("rl", "infer"):
+        _resolve_rewards(plan, pm, required=task == "rl")
+    if task in ("rl", "infer", "serve"):
+        plan.backend = _lookup(plan, pm.registries.backends, "backend", config.backend)
+        if plan.backend:
+            _check_requirements(plan, "backend", f"backend {config.backend}", plan.backend.requires, plan.backend.requires_cuda)
+    if task == "export" and not config.adapter_path and plan.model_dir and not (plan.model_dir / "adapter_config.json").exists():
+        plan.problem("adapter_path", "export merges an adapter into its base model, and none was given",
+                     hint="set adapter_path: to the adapter directory that `vistune sft` wrote")  # fmt: skip
+    if config.adapter_path and not Path(config.adapter_path).is_dir():
+        plan.problem("adapter_path", f"{config.adapter_path} is not a directory")
+    plan.lines.append(("output_dir", config.output_dir))
+    _note_unused(plan)
+    return plan

@@ -1,0 +1,213 @@
+"""Plugin discovery and loading.
+
+Every plugin, vistune's own defaults included, is found through the ``vistune``
+entry-point group and loaded on its own: a plugin that fails to import, implements a
+misspelled hook or registers something invalid is reported by name while every other
+plugin keeps working.
+
+Environment variables:
+
+``VISTUNE_PLUGINS``
+    Comma-separated allow-list of plugin (entry-point) or distribution names.  When
+    set, only these plugins load, plus vistune's own default plugins.
+``VISTUNE_BLOCK_PLUGINS``
+    Comma-separated block-list; it also applies to vistune's own default plugins.
+``VISTUNE_STRICT_PLUGINS``
+    ``1`` turns every plugin problem into an immediate error (for plugin developers).
+``VISTUNE_TRACE_HOOKS``
+    ``1`` prints every hook call and its result to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pluggy
+
+from vistune import ENTRY_POINT_GROUP, HOOK_API_VERSION, hookspecs
+from vistune.errors import PluginError, VistuneError
+from vistune.registry import KINDS, Owner, Registries
+
+CORE_DISTRIBUTION = "vistune"
+REGISTRATION_HOOKS = tuple(dict.fromkeys(hook for hook, _ in KINDS.values()))
+
+
+def _env_list(name: str) -> set[str] | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def strict_mode() -> bool:
+    return os.environ.get("VISTUNE_STRICT_PLUGINS", "").lower() in ("1", "true", "yes")
+
+
+@attrs.define
+class PluginInfo:
+    """What ``vistune plugins`` reports for one plugin."""
+
+    name: str
+    distribution: str
+    version: str
+    hooks: list[str] = attrs.field(factory=list)
+    registered: dict[str, list[str]] = attrs.field(factory=dict)
+    errors: list[str] = attrs.field(factory=list)
+    loaded: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class PluginManager:
+    """The pluggy manager, the registries it fills and a report per plugin."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.registries = Registries()
+        self.infos: dict[str, PluginInfo] = {}
+        if os.environ.get("VISTUNE_TRACE_HOOKS", "").lower() in ("1", "true", "yes"):
+            self.pm.trace.root.setwriter(sys.stderr.write)
+            self.pm.enable_tracing()
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    # -- discovery -----------------------------------------------------------
+
+    def load_entry_points(self) -> None:
+        allow = _env_list("VISTUNE_PLUGINS")
+        block = _env_list("VISTUNE_BLOCK_PLUGINS") or set()
+        seen: set[str] = set()
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if ep.name in seen:
+                continue
+            seen.add(ep.name)
+            dist = ep.dist.name if ep.dist else "(unknown)"
+            version = ep.dist.version if ep.dist else ""
+            if {ep.name, dist} & block:
+                continue
+            if allow is not None and dist != CORE_DISTRIBUTION and not ({ep.name, dist} & allow):
+                continue
+            self._load_entry_point(ep, dist, version)
+
+    def _load_entry_point(self, ep: importlib.metadata.EntryPoint, dist: str, version: str) -> None:
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # any import error must not take the others down
+            self._fail(PluginInfo(ep.name, dist, version, loaded=False), "failed to import", exc)
+            return
+        self.add_plugin(plugin, name=ep.name, distribution=dist, version=version)
+
+    # -- registration --------------------------------------------------------
+
+    def add_plugin(self, plugin: Any, name: str, distribution: str = "(local)", version: str = "") -> PluginInfo:
+        """Register one plugin object and run its registration hooks in isolation."""
+        info = PluginInfo(name, distribution, version)
+        if name in self.infos:
+            raise PluginError(f"a plugin named {name!r} is already loaded (from {self.infos[name].distribution!r})")
+        self.infos[name] = info
+        wanted = getattr(plugin, "VISTUNE_HOOK_API", HOOK_API_VERSION)
+        if not isinstance(wanted, int) or wanted > HOOK_API_VERSION:
+            info.loaded = False
+            self._fail(
+                info,
+                f"needs hook API {wanted!r} but this vistune provides {HOOK_API_VERSION}",
+                None,
+                hint="upgrade vistune or install an older release of the plugin",
+            )
+            return info
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            if self.pm.get_plugin(name) is not None:
+                self.pm.unregister(name=name)
+            info.loaded = False
+            self._fail(info, "has an invalid hook implementation", exc, hint=_known_hooks_hint())
+            return info
+        info.hooks = sorted(impl_name for impl_name in self._hook_names(plugin))
+        for attr in dir(plugin):
+            if attr.startswith("vistune_") and attr not in info.hooks and callable(getattr(plugin, attr)):
+                self._fail(info, f"defines {attr}() without the @vistune.hookimpl decorator, so it is ignored", None)
+        for hook_name in REGISTRATION_HOOKS:
+            self._call_registration_hook(plugin, info, hook_name)
+        info.registered = self.registries.registered_by(name)
+        return info
+
+    def _hook_names(self, plugin: Any) -> list[str]:
+        return [
+            caller.name
+            for caller in self.pm.get_hookcallers(plugin) or []
+        ]
+
+    def _call_registration_hook(self, plugin: Any, info: PluginInfo, hook_name: str) -> None:
+        owner = Owner(info.name, info.distribution)
+
+        def register(spec: Any) -> None:
+            try:
+                self.registries.add(hook_name, spec, owner)
+            except VistuneError as exc:
+                self._fail(info, f"registered something invalid in {hook_name}", exc)
+
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            kwargs: dict[str, Callable] = {"register": register}
+            try:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except VistuneError:
+                raise
+            except Exception as exc:
+                self._fail(info, f"raised in {hook_name}", exc)
+
+    def remove_plugin(self, name: str) -> None:
+        """Unregister a plugin and forget what it registered."""
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
+        self.registries.remove_owner(name)
+        self.infos.pop(name, None)
+
+    def _fail(self, info: PluginInfo, what: str, exc: BaseException | None, hint: str | None = None) -> None:
+        detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        message = f"plugin {info.name!r} from distribution {info.distribution!r} {what}{detail}"
+        if strict_mode():
+            raise PluginError(message, hint=hint) from exc
+        info.errors.append(message)
+        if os.environ.get("VISTUNE_DEBUG_PLUGINS") and exc is not None:
+            traceback.print_exception(exc)
+
+    def errors(self) -> list[str]:
+        return [error for info in self.infos.values() for error in info.errors]
+
+
+def _known_hooks_hint() -> str:
+    names = sorted(n for n in dir(hookspecs) if n.startswith("vistune_"))
+    return "known hooks: " + ", ".join(names)
+
+
+_manager: PluginManager | None = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager, loading the entry points on first use."""
+    global _manager
+    if _manager is None:
+        manager = PluginManager()
+        manager.load_entry_points()
+        _manager = manager
+    return _manager
+
+
+def reset_plugin_manager() -> None:
+    """Forget the loaded plugins; the next :func:`get_plugin_manager` rediscovers them."""
+    global _manager
+    _manager = None

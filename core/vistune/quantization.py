@@ -1,0 +1,49 @@
+"""Quantization schemes a config can name, and what each means for loading.
+
+GGUF names (``q4_k_m``, ``q8_0``) come from llama.cpp, whose k-quant formats cannot be
+trained through.  For training, vistune maps them to the bitsandbytes scheme of the
+same width: ``q4_k_m`` -> 4-bit NF4 with double quantization (QLoRA's recipe),
+``q8_0`` -> LLM.int8().  ``awq``, ``gptq`` and ``fp8`` describe checkpoints that are
+already quantized; they are loaded as saved.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class QuantizationScheme:
+    name: str
+    #: "bnb-4bit", "bnb-8bit", or "prequantized"
+    method: str
+    description: str
+    bnb_4bit_quant_type: str | None = None
+    requires: tuple[str, ...] = ()
+    requires_cuda: bool = True
+
+    def bnb_kwargs(self) -> dict:
+        """Keyword arguments for ``transformers.BitsAndBytesConfig`` (compute dtype added by the loader)."""
+        if self.method == "bnb-4bit":
+            return {"load_in_4bit": True, "bnb_4bit_quant_type": self.bnb_4bit_quant_type, "bnb_4bit_use_double_quant": True}
+        if self.method == "bnb-8bit":
+            return {"load_in_8bit": True}
+        return {}
+
+
+_NF4 = "bitsandbytes 4-bit NF4 with double quantization"
+SCHEMES = {
+    "nf4": QuantizationScheme("nf4", "bnb-4bit", _NF4, "nf4", ("bitsandbytes",)),
+    "q4_k_m": QuantizationScheme("q4_k_m", "bnb-4bit", f"{_NF4} (GGUF q4_k_m's training equivalent)", "nf4", ("bitsandbytes",)),
+    "fp4": QuantizationScheme("fp4", "bnb-4bit", "bitsandbytes 4-bit FP4", "fp4", ("bitsandbytes",)),
+    "int8": QuantizationScheme("int8", "bnb-8bit", "bitsandbytes LLM.int8()", None, ("bitsandbytes",)),
+    "q8_0": QuantizationScheme("q8_0", "bnb-8bit", "bitsandbytes LLM.int8() (GGUF q8_0's training equivalent)", None, ("bitsandbytes",)),
+    "awq": QuantizationScheme("awq", "prequantized", "an AWQ checkpoint, loaded as saved", None, ()),
+    "gptq": QuantizationScheme("gptq", "prequantized", "a GPTQ checkpoint, loaded as saved", None, ()),
+    "fp8": QuantizationScheme("fp8", "prequantized", "an FP8 checkpoint, loaded as saved", None, ()),
+}
+
+
+def get_scheme(name: str) -> QuantizationScheme | None:
+    """The scheme for a config value; ``None`` for ``"none"``."""
+    return None if name == "none" else SCHEMES[name]
