@@ -6,7 +6,7 @@ install:
 	$(PYTHON) -m pip install -q -r requirements.txt
 
 demo: install
-	vistune demo
+	$(PYTHON) -m vistune demo
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -12,7 +12,7 @@ import json
 import sys
 import textwrap
 
-from vistune import __version__
+from vistune import HOOK_API_VERSION, __version__
 from vistune.errors import VistuneError
 
 LIST_KINDS = ("models", "templates", "adapters", "algorithms", "rewards", "backends", "datasets")
@@ -27,13 +27,14 @@ TASK_HELP = {
 
 
 def _config_keys_help() -> str:
-    from vistune.config import FIELDS
+    from vistune.config import FIELDS, default_value
 
     lines = ["config keys (YAML, or --key value on the command line):"]
     for name, field in FIELDS.items():
         meta = field.metadata
         choices = f" [{'|'.join(map(str, meta['choices']))}]" if meta["choices"] else ""
-        lines.append(f"  {name}{choices}: {meta['help']} (default {field.default if field.default is not None else '-'})")
+        default = default_value(name)
+        lines.append(f"  {name}{choices}: {meta['help']} (default {default if default is not None else '-'})")
     return "\n".join(lines)
 
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune, RL-align and serve vision-language models from one YAML file.",
         epilog="`vistune demo` trains a tiny Llava on generated shapes, end to end, on CPU.",
     )
-    parser.add_argument("--version", action="version", version=f"vistune {__version__}")
+    parser.add_argument("--version", action="version", version=f"vistune {__version__} (hook API {HOOK_API_VERSION})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("plugins", help="list loaded plugins and what they registered")
@@ -108,6 +109,8 @@ def cmd_list(args) -> int:
     from vistune.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
+    for error in pm.errors():  # the listing still works; say which plugin is missing from it and why
+        print(f"warning: {error}", file=sys.stderr)
     kinds = ["models", "checkpoints"] if args.kind == "models" else [args.kind]
     rows = []
     for kind in kinds:

@@ -8,6 +8,7 @@ or dataset is touched; errors name the file, line and field.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +32,9 @@ KEY_ALIASES = {
 
 def option(default: Any, help: str, *, type: str, choices: tuple | None = None, tasks: tuple[str, ...] = TASKS):
     """Declare a config field: its value type, allowed values, help text and the tasks that read it."""
-    kwargs: dict[str, Any] = {"factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    # lists and dicts get a factory: a shared mutable default would leak between configs
+    mutable = isinstance(default, (list, dict))
+    kwargs: dict[str, Any] = {"factory": lambda: copy.deepcopy(default)} if mutable else {"default": default}
     return attrs.field(**kwargs, metadata={"help": help, "type": type, "choices": choices, "tasks": tasks})
 
 
@@ -82,6 +85,10 @@ class RunConfig:
     truncation: str = option(
         "error", "a sample longer than max_length: stop (error) or drop and count (drop)", type="str", choices=("error", "drop")
     )
+    cache_encoded: bool = option(
+        False, "keep encoded samples in memory after their first epoch (small datasets trained for many epochs)",
+        type="bool", tasks=("sft",),
+    )
 
     # -- adapter -------------------------------------------------------------------
     adapter: str = option("lora", "lora, qlora, dora, galore, full, or a plugin's adapter", type="str", tasks=_TRAIN)
@@ -99,9 +106,22 @@ class RunConfig:
         choices=("language_model", "all"),
         tasks=_TRAIN,
     )
-    freeze_vision_tower: bool = option(True, "keep the vision tower frozen (full and galore adapters)", type="bool", tasks=_TRAIN)
-    freeze_projector: bool = option(False, "keep the projector frozen (full and galore adapters)", type="bool", tasks=_TRAIN)
-    freeze_language_model: bool = option(False, "keep the language model frozen (full adapter)", type="bool", tasks=_TRAIN)
+    freeze_vision_tower: bool = option(
+        True,
+        "keep the vision tower frozen; false trains it in full (under LoRA too, saved with the adapter)",
+        type="bool",
+        tasks=_TRAIN,
+    )
+    freeze_projector: bool | None = option(
+        None,
+        "keep the projector frozen; default: frozen under lora/dora/qlora (only adapter weights train), trained "
+        "under full and galore; false under LoRA trains it in full too (peft modules_to_save, saved with the adapter)",
+        type="bool",
+        tasks=_TRAIN,
+    )
+    freeze_language_model: bool = option(
+        False, "keep the language model frozen (full and galore adapters; under LoRA it holds the adapter)", type="bool", tasks=_TRAIN
+    )
     vision_tower_lr: float | None = option(None, "learning rate of the vision tower (default learning_rate)", type="float", tasks=_TRAIN)
     projector_lr: float | None = option(None, "learning rate of the projector (default learning_rate)", type="float", tasks=_TRAIN)
     galore_rank: int = option(128, "GaLore projection rank", type="int", tasks=_TRAIN)
@@ -123,6 +143,9 @@ class RunConfig:
     gradient_checkpointing: bool = option(False, "recompute activations to save memory", type="bool", tasks=_TRAIN)
     bf16: bool | None = option(None, "bfloat16 mixed precision (default: on when a GPU supports it)", type="bool", tasks=_TRAIN)
     liger: bool = option(False, "use Liger kernels when installed (fused cross-entropy, RMSNorm, SwiGLU)", type="bool", tasks=_TRAIN)
+    torch_compile: bool = option(
+        False, "torch.compile each transformer block (GPU): faster steps after a compile of a minute or two", type="bool", tasks=_TRAIN
+    )
     logging_steps: int = option(1, "log every N steps", type="int", tasks=_TRAIN)
     save_steps: int = option(500, "checkpoint every N steps", type="int", tasks=_TRAIN)
     save_total_limit: int | None = option(2, "keep at most N checkpoints", type="int", tasks=_TRAIN)
@@ -238,7 +261,10 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Source]]:
         raise ConfigError(f"{path}: the config must be a mapping of keys to values, not a {type(data).__name__}")
     sources = {}
     for key_node, _ in node.value:
-        sources[str(key_node.value)] = Source(file=str(path), line=key_node.start_mark.line + 1)
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        if key in sources:  # YAML would silently keep the last one
+            raise ConfigError(f"{path}:{line}: key {key!r} is set twice (first at line {sources[key].line})")
+        sources[key] = Source(file=str(path), line=line)
     return data, sources
 
 
@@ -274,6 +300,16 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, Source]]
 # -- validation ------------------------------------------------------------------------
 
 
+_TYPE_NAMES = {"str": "a string", "path": "a path", "int": "an integer", "float": "a number", "bool": "true or false",
+               "str_list": "a list of strings", "dict": "a mapping", "rewards": "a list of rewards"}  # fmt: skip
+
+
+def default_value(name: str) -> Any:
+    """The default of a config field (a fresh copy for list and dict fields)."""
+    default = FIELDS[name].default
+    return default.factory() if isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
+
+
 def _convert(name: str, value: Any, where: str) -> Any:
     field = FIELDS[name]
     meta = field.metadata
@@ -283,9 +319,9 @@ def _convert(name: str, value: Any, where: str) -> Any:
         return ConfigError(f"{where}: {name} must be {expected}, got {value!r} ({type(value).__name__})")
 
     if value is None:
-        if field.default is None:
+        if field.default is None or "None" in str(field.type):
             return None
-        raise bad(f"a {kind.replace('_', ' ')} (null is not allowed here)")
+        raise bad(f"{_TYPE_NAMES.get(kind, kind)} (null is not allowed here)")
     if kind in ("str", "path"):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise bad("a string")

@@ -3,8 +3,9 @@
 A plugin is a module (or object) listed under the ``vistune`` entry-point group.  It
 implements any of the hooks below, decorated with :data:`vistune.hookimpl`, and may
 accept only the arguments it needs: new arguments can be added to a hook without
-breaking existing plugins.  PLUGINS.md is generated from these docstrings' content
-and a test keeps the two in step.
+breaking existing plugins.  None of the hooks is first-result: every implementation
+is called.  PLUGINS.md documents each hook with its exact signature and this content;
+tests/test_docs.py keeps the two in step.
 """
 
 from __future__ import annotations

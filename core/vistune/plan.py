@@ -123,14 +123,17 @@ def _lookup(plan: Plan, registry, field: str, name: str):
     return spec
 
 
-def _check_requirements(plan: Plan, field: str, what: str, requires: tuple[str, ...], requires_cuda: bool) -> None:
+def _check_requirements(
+    plan: Plan, field: str, what: str, requires: tuple[str, ...], requires_cuda: bool, cpu_option: str | None = None
+) -> None:
     missing = [module for module in requires if importlib.util.find_spec(module) is None]
     if missing:
         plan.problem(field, f"{what} needs the Python package(s) {', '.join(missing)}, which are not installed",
                      hint=f"pip install {' '.join(missing)}")  # fmt: skip
     if requires_cuda and (plan.config.device == "cpu" or visible_gpu_count() == 0):
+        alternative = f"set {cpu_option} to run without one" if cpu_option else "choose a CPU-capable option"
         plan.problem(field, f"{what} needs a CUDA GPU and this run has none",
-                     hint="run on a machine with an NVIDIA GPU, or choose a CPU-capable option")  # fmt: skip
+                     hint=f"run on a machine with an NVIDIA GPU, or {alternative}")  # fmt: skip
 
 
 def _resolve_model(plan: Plan, pm: PluginManager) -> None:
@@ -163,7 +166,8 @@ def _resolve_model(plan: Plan, pm: PluginManager) -> None:
         plan.model_dir = path
         plan.lines.append(("model", str(path)))
     else:
-        hint = "set model: to a registered alias (`vistune list models`) or to a local Hugging Face directory"
+        hint = ("set model: to a registered alias (`vistune list models`) or to a local Hugging Face directory, "
+                "or install the plugin that registers the alias")  # fmt: skip
         if path.exists():
             message = f"{config.model} is a file, not a model directory"
         elif config.model.count("/") == 1 and not config.model.startswith((".", "/")):
@@ -176,6 +180,8 @@ def _resolve_model(plan: Plan, pm: PluginManager) -> None:
         return
     try:
         plan.model_type, how = detect_model_type(plan.model_dir, pm.registries.models, explicit_type)
+        if explicit_type and not config.model_type:
+            how = f"the alias {config.model!r}"
         owner = pm.registries.models.owner(plan.model_type.name)
         plan.lines.append(("model_type", f"{plan.model_type.name}  [{owner.distribution}] ({how})"))
     except VistuneError as exc:
@@ -238,10 +244,11 @@ def _resolve_launch(plan: Plan) -> None:
         plan.notes.append(f"parallel_method {method} with gpu_num 1 runs a single process")
     gpus = visible_gpu_count()
     device = config.device if config.device != "auto" else ("cuda" if gpus else "cpu")
-    if device == "cuda" and config.gpu_num > gpus:
-        plan.problem("gpu_num", f"{config.gpu_num} GPU processes asked for, but this machine has {gpus} visible GPU(s)",
-                     hint=f"set gpu_num: {max(gpus, 1)}" + ("" if gpus else ", or device: cpu to run the processes on CPU "
-                     "(gloo backend, for testing)"))  # fmt: skip
+    # gpu_num > 1 asks for GPUs unless the config says device: cpu (several CPU processes, for testing)
+    if config.device != "cpu" and config.gpu_num > gpus and (device == "cuda" or config.gpu_num > 1):
+        plan.problem("gpu_num", f"{config.gpu_num} GPU(s) per node asked for, but this machine has {gpus} visible GPU(s)",
+                     hint=f"set gpu_num: {max(gpus, 1)}" + ("" if gpus else f" to train on this machine's CPU, or device: "
+                     f"cpu to start {config.gpu_num} CPU processes (gloo backend, for testing)"))  # fmt: skip
     plan.launch = Launch(config.gpu_num, config.nnodes, method, device)
     total = config.gpu_num * config.nnodes
     where = f"{config.nnodes} node(s) x {config.gpu_num} process(es)" if config.nnodes > 1 else f"{config.gpu_num} process(es)"
@@ -274,11 +281,12 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
     if plan.quantization:
         plan.lines.append(("quantization", f"{config.quantization}: {plan.quantization.description}"))
         _check_requirements(plan, "quantization", f"quantization {config.quantization}",
-                            plan.quantization.requires, plan.quantization.requires_cuda)  # fmt: skip
+                            plan.quantization.requires, plan.quantization.requires_cuda, "quantization: none")  # fmt: skip
     if task in ("sft", "rl"):
         plan.adapter = _lookup(plan, pm.registries.adapters, "adapter", config.adapter)
         if plan.adapter:
-            _check_requirements(plan, "adapter", f"adapter {config.adapter}", plan.adapter.requires, plan.adapter.requires_cuda)
+            _check_requirements(plan, "adapter", f"adapter {config.adapter}", plan.adapter.requires,
+                                plan.adapter.requires_cuda, "adapter: lora")  # fmt: skip
             if plan.adapter.name in ("lora", "dora", "qlora"):
                 targets = ", ".join(config.lora_target_modules)
                 plan.lines.append(("lora", f"r={config.lora_rank} alpha={config.lora_alpha} on [{targets}] in {config.lora_scope}"))
@@ -296,7 +304,8 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
     if task in ("rl", "infer", "serve"):
         plan.backend = _lookup(plan, pm.registries.backends, "backend", config.backend)
         if plan.backend:
-            _check_requirements(plan, "backend", f"backend {config.backend}", plan.backend.requires, plan.backend.requires_cuda)
+            _check_requirements(plan, "backend", f"backend {config.backend}", plan.backend.requires,
+                                plan.backend.requires_cuda, "backend: transformers")  # fmt: skip
     if task == "export" and not config.adapter_path and plan.model_dir and not (plan.model_dir / "adapter_config.json").exists():
         plan.problem("adapter_path", "export merges an adapter into its base model, and none was given",
                      hint="set adapter_path: to the adapter directory that `vistune sft` wrote")  # fmt: skip

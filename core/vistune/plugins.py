@@ -16,12 +16,20 @@ Environment variables:
     ``1`` turns every plugin problem into an immediate error (for plugin developers).
 ``VISTUNE_TRACE_HOOKS``
     ``1`` prints every hook call and its result to stderr.
+``VISTUNE_DEBUG_PLUGINS``
+    ``1`` prints the full traceback of every plugin problem to stderr.
+
+Names in the allow- and block-lists match an entry-point name or a distribution name;
+distribution names are compared in their normalised form (``Vistune_LLaVA`` ==
+``vistune-llava``).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -38,15 +46,24 @@ CORE_DISTRIBUTION = "vistune"
 REGISTRATION_HOOKS = tuple(dict.fromkeys(hook for hook, _ in KINDS.values()))
 
 
+def normalize_name(name: str) -> str:
+    """PEP 503 normal form, so that allow/block lists match however a distribution is spelled."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _env_list(name: str) -> set[str] | None:
     value = os.environ.get(name)
     if value is None:
         return None
-    return {part.strip() for part in value.split(",") if part.strip()}
+    return {normalize_name(part.strip()) for part in value.split(",") if part.strip()}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def strict_mode() -> bool:
-    return os.environ.get("VISTUNE_STRICT_PLUGINS", "").lower() in ("1", "true", "yes")
+    return _env_flag("VISTUNE_STRICT_PLUGINS")
 
 
 @attrs.define
@@ -73,7 +90,8 @@ class PluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.registries = Registries()
         self.infos: dict[str, PluginInfo] = {}
-        if os.environ.get("VISTUNE_TRACE_HOOKS", "").lower() in ("1", "true", "yes"):
+        self.tracing = _env_flag("VISTUNE_TRACE_HOOKS")
+        if self.tracing:
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
 
@@ -86,24 +104,54 @@ class PluginManager:
     def load_entry_points(self) -> None:
         allow = _env_list("VISTUNE_PLUGINS")
         block = _env_list("VISTUNE_BLOCK_PLUGINS") or set()
-        seen: set[str] = set()
-        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if ep.name in seen:
-                continue
-            seen.add(ep.name)
+
+        def order(ep: importlib.metadata.EntryPoint) -> tuple[str, bool]:
+            # vistune's own plugin wins a tie on the entry-point name; the other one is reported
+            return ep.name, not (ep.dist and normalize_name(ep.dist.name) == CORE_DISTRIBUTION)
+
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=order):
             dist = ep.dist.name if ep.dist else "(unknown)"
             version = ep.dist.version if ep.dist else ""
-            if {ep.name, dist} & block:
+            names = {normalize_name(ep.name), normalize_name(dist)}
+            if names & block:
                 continue
-            if allow is not None and dist != CORE_DISTRIBUTION and not ({ep.name, dist} & allow):
+            if allow is not None and normalize_name(dist) != CORE_DISTRIBUTION and not (names & allow):
+                continue
+            if ep.name in self.infos:
+                # Two distributions chose the same entry-point name: keep the first, report the second.
+                first = self.infos[ep.name].distribution
+                info = PluginInfo(ep.name, dist, version, loaded=False)
+                self.infos[f"{ep.name} ({dist})"] = info
+                self._fail(info, f"is not loaded: distribution {first!r} already provides a plugin named {ep.name!r}",
+                           None, hint="rename one of the entry points, or block one with VISTUNE_BLOCK_PLUGINS")  # fmt: skip
                 continue
             self._load_entry_point(ep, dist, version)
+        self.check_references()
+
+    def check_references(self) -> None:
+        """Report specs that name what no loaded plugin registers (an alias's model type, a default template)."""
+        registries = self.registries
+        for alias in registries.checkpoints:
+            if alias.model_type not in registries.models:
+                self._fail_spec(registries.checkpoints.owner(alias.name).plugin,
+                                f"registers checkpoint {alias.name!r} of model type {alias.model_type!r}, "
+                                f"which no loaded plugin registers")  # fmt: skip
+        for model_type in registries.models:
+            if model_type.default_template not in registries.templates:
+                self._fail_spec(registries.models.owner(model_type.name).plugin,
+                                f"registers model type {model_type.name!r} whose default template "
+                                f"{model_type.default_template!r} no loaded plugin registers")  # fmt: skip
+
+    def _fail_spec(self, plugin: str, what: str) -> None:
+        self._fail(self.infos[plugin], what, None, hint="install the plugin that provides it, or fix the name")
 
     def _load_entry_point(self, ep: importlib.metadata.EntryPoint, dist: str, version: str) -> None:
         try:
             plugin = ep.load()
         except Exception as exc:  # any import error must not take the others down
-            self._fail(PluginInfo(ep.name, dist, version, loaded=False), "failed to import", exc)
+            info = PluginInfo(ep.name, dist, version, loaded=False)
+            self.infos[ep.name] = info
+            self._fail(info, f"failed to import ({ep.value})", exc)
             return
         self.add_plugin(plugin, name=ep.name, distribution=dist, version=version)
 
@@ -132,12 +180,13 @@ class PluginManager:
             if self.pm.get_plugin(name) is not None:
                 self.pm.unregister(name=name)
             info.loaded = False
-            self._fail(info, "has an invalid hook implementation", exc, hint=_known_hooks_hint())
+            self._fail(info, "has an invalid hook implementation", exc, hint=_known_hooks_hint(plugin))
             return info
         info.hooks = sorted(impl_name for impl_name in self._hook_names(plugin))
         for attr in dir(plugin):
-            if attr.startswith("vistune_") and attr not in info.hooks and callable(getattr(plugin, attr)):
-                self._fail(info, f"defines {attr}() without the @vistune.hookimpl decorator, so it is ignored", None)
+            if attr.startswith("vistune_") and attr not in info.hooks and callable(getattr(plugin, attr, None)):
+                self._fail(info, f"defines {attr}() without the @vistune.hookimpl decorator, so it is ignored", None,
+                           hint="decorate it with @vistune.hookimpl")  # fmt: skip
         for hook_name in REGISTRATION_HOOKS:
             self._call_registration_hook(plugin, info, hook_name)
         info.registered = self.registries.registered_by(name)
@@ -156,16 +205,20 @@ class PluginManager:
             try:
                 self.registries.add(hook_name, spec, owner)
             except VistuneError as exc:
-                self._fail(info, f"registered something invalid in {hook_name}", exc)
+                self._fail(info, f"could not register a spec in {hook_name}", exc)
 
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             if impl.plugin is not plugin:
                 continue
+            if self.tracing:
+                sys.stderr.write(f"{hook_name} [{info.name}]\n")
             kwargs: dict[str, Callable] = {"register": register}
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-            except VistuneError:
-                raise
+            except PluginError as exc:
+                if strict_mode():  # raised by _fail above: already names the plugin
+                    raise
+                self._fail(info, f"raised in {hook_name}", exc)
             except Exception as exc:
                 self._fail(info, f"raised in {hook_name}", exc)
 
@@ -181,16 +234,26 @@ class PluginManager:
         message = f"plugin {info.name!r} from distribution {info.distribution!r} {what}{detail}"
         if strict_mode():
             raise PluginError(message, hint=hint) from exc
-        info.errors.append(message)
-        if os.environ.get("VISTUNE_DEBUG_PLUGINS") and exc is not None:
+        info.errors.append(message if not hint else f"{message} (hint: {hint})")
+        if _env_flag("VISTUNE_DEBUG_PLUGINS") and exc is not None:
             traceback.print_exception(exc)
 
     def errors(self) -> list[str]:
         return [error for info in self.infos.values() for error in info.errors]
 
 
-def _known_hooks_hint() -> str:
-    names = sorted(n for n in dir(hookspecs) if n.startswith("vistune_"))
+def hook_names() -> list[str]:
+    """Every hook a plugin can implement."""
+    return sorted(n for n in dir(hookspecs) if n.startswith("vistune_"))
+
+
+def _known_hooks_hint(plugin: Any = None) -> str:
+    names = hook_names()
+    unknown = [a for a in dir(plugin) if a.startswith("vistune_") and a not in names] if plugin is not None else []
+    for attr in unknown:
+        close = difflib.get_close_matches(attr, names, n=1)
+        if close:
+            return f"{attr} is not a vistune hook; did you mean {close[0]}?"
     return "known hooks: " + ", ".join(names)
 
 

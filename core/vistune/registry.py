@@ -32,7 +32,8 @@ class Registry(Generic[T]):
         self.kind = kind
         self.spec_type = spec_type
         self._entries: dict[str, tuple[T, Owner]] = {}
-        self._conflicts: dict[str, list[Owner]] = {}
+        #: name -> every (spec, owner) that claimed it, while more than one does
+        self._conflicts: dict[str, list[tuple[T, Owner]]] = {}
 
     def add(self, spec: T, owner: Owner) -> None:
         if not isinstance(spec, self.spec_type):
@@ -40,10 +41,14 @@ class Registry(Generic[T]):
                 f"{owner} registered {spec!r} as a {self.kind} entry; expected a {self.spec_type.__module__}."
                 f"{self.spec_type.__qualname__}"
             )
+        try:
+            attrs.validate(spec)  # specs are validated at construction; this catches ones mutated or forged since
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"{owner} registered an invalid {self.kind} entry {spec!r}: {exc}") from None
         name = spec.name  # type: ignore[attr-defined]
         if name in self._entries:
             first = self._entries[name][1]
-            self._conflicts.setdefault(name, [first]).append(owner)
+            self._conflicts.setdefault(name, [self._entries[name]]).append((spec, owner))
             raise RegistryError(
                 f"{self.kind} {name!r} is registered twice: by {first} and by {owner}",
                 hint="uninstall one of the two distributions, or block one plugin with VISTUNE_BLOCK_PLUGINS",
@@ -54,14 +59,16 @@ class Registry(Generic[T]):
         """Forget everything one plugin registered (used when the plugin is unloaded)."""
         for name in [n for n, (_, o) in self._entries.items() if o.plugin == plugin]:
             del self._entries[name]
-        for name, owners in list(self._conflicts.items()):
-            owners[:] = [o for o in owners if o.plugin != plugin]
-            if len(owners) < 2:
+        for name, claims in list(self._conflicts.items()):
+            claims[:] = [claim for claim in claims if claim[1].plugin != plugin]
+            if len(claims) < 2:
                 del self._conflicts[name]
+                if claims and name not in self._entries:  # the remaining claimant gets the name
+                    self._entries[name] = claims[0]
 
     def get(self, name: str) -> T:
         if name in self._conflicts:
-            owners = " and ".join(str(o) for o in self._conflicts[name])
+            owners = " and ".join(str(owner) for _, owner in self._conflicts[name])
             raise RegistryError(
                 f"{self.kind} {name!r} is ambiguous: registered by {owners}",
                 hint="uninstall one of them or block one with VISTUNE_BLOCK_PLUGINS",

@@ -204,9 +204,11 @@ class Dataset:
 
     ``format`` is one of :data:`vistune.data.readers.FORMATS`.  The local copy is found
     through ``dataset_path`` in the config, the environment variable
-    ``VISTUNE_DATASET_<NAME>``, or built on demand by ``builder(directory)`` for
-    datasets generated locally.  Inside that directory the records are in
-    ``data_file`` and relative image paths are resolved against ``image_dir``.
+    ``VISTUNE_DATASET_<NAME>``, or built on demand by ``builder(directory, spec)`` for
+    datasets generated locally (``directory`` may not exist yet; ``spec`` is this
+    Dataset, so one builder can serve several datasets).  Inside that directory the
+    records are in ``data_file`` and relative image paths are resolved against
+    ``image_dir``.
     """
 
     name: str = _name

@@ -1,4 +1,4 @@
-"""The default inference backend: transformers ``generate`` with request batching."""
+"""The default inference backend: a transformers model with continuous batching."""
 
 from vistune import hookimpl
 from vistune.specs import Backend
@@ -11,6 +11,6 @@ def vistune_register_backends(register):
             "transformers",
             factory="vistune.inference.transformers_engine:TransformersEngine",
             requires=("torch", "transformers"),
-            description="transformers generate(), batching concurrent requests",
+            description="a transformers model with continuous batching (requests join and leave the running batch)",
         )
     )

@@ -1,0 +1,150 @@
+"""The run configuration: the reference config, typos, wrong values and command-line overrides."""
+
+from __future__ import annotations
+
+import pytest
+from vistune.config import FIELDS, RunConfig, load_config, parse_overrides
+from vistune.errors import ConfigError
+
+REFERENCE_CONFIG = """\
+model: llava-v1.5-7b
+task: sft
+dataset: llava-instruct-en
+quantization: q4_k_m
+adapter: lora
+lora_target_modules: [q_proj, v_proj]
+parallel_method: ddp
+gpu_num: 4
+"""
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_reference_config_is_accepted_as_written(tmp_path):
+    loaded = load_config(write(tmp_path, REFERENCE_CONFIG), task="sft")
+    config = loaded.config
+    assert (config.model, config.task, config.dataset) == ("llava-v1.5-7b", "sft", "llava-instruct-en")
+    assert (config.quantization, config.adapter, config.parallel_method, config.gpu_num) == ("q4_k_m", "lora", "ddp", 4)
+    assert config.lora_target_modules == ["q_proj", "v_proj"]
+    assert loaded.where("gpu_num") == f"{tmp_path / 'run.yaml'}:8"
+
+
+def test_unknown_key_suggests_the_closest_and_names_file_and_line(tmp_path):
+    path = write(tmp_path, "model: m\nlora_target_module: [q_proj]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, task="sft")
+    message = str(info.value)
+    assert f"{path}:2" in message
+    assert "'lora_target_module'" in message
+    assert "did you mean lora_target_modules?" in message
+
+
+def test_unknown_flag_suggests_the_closest_key():
+    with pytest.raises(ConfigError, match=r"command line --learning_rat: unknown key .*did you mean learning_rate\?"):
+        load_config(None, ["--learning_rat", "1e-4"], task="sft")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("gpu_num: four", r"gpu_num must be an integer, got 'four'"),
+        ("gpu_num: 2.5", r"gpu_num must be an integer"),
+        ("packing: maybe", r"packing must be true or false"),
+        ("learning_rate: fast", r"learning_rate must be a number"),
+        ("lora_target_modules: {q: 1}", r"lora_target_modules must be a list of strings"),
+        ("quantization: q4km", r"quantization must be one of .*did you mean 'q4_k_m'\?"),
+        ("parallel_method: deepspeed", r"parallel_method must be one of none, ddp, fsdp"),
+        ("gpu_num: 0", r"gpu_num must be at least 1, got 0"),
+        ("lora_dropout: -0.1", r"lora_dropout must not be negative"),
+        ("seed: null", r"seed must be an integer \(null is not allowed here\)"),
+    ],
+)
+def test_wrong_value_names_field_and_file_line(tmp_path, line, expected):
+    path = write(tmp_path, f"model: m\n{line}\n")
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_config(path, task="sft")
+    assert str(info.value).startswith(f"{path}:2: ")
+
+
+def test_overrides_parse_yaml_values_and_win_over_the_file(tmp_path):
+    path = write(tmp_path, "learning_rate: 0.001\nlora_target_modules: [v_proj]\npacking: false\ngpu_num: 2\n")
+    loaded = load_config(path, ["--lr", "1e-4", "--lora_target_modules", "[q_proj,k_proj]", "--packing", "--gpu_num=1"],
+                         task="sft")  # fmt: skip
+    config = loaded.config
+    assert config.learning_rate == pytest.approx(1e-4)
+    assert config.lora_target_modules == ["q_proj", "k_proj"]
+    assert config.packing is True
+    assert config.gpu_num == 1
+    assert loaded.where("learning_rate") == "command line --lr"
+    assert loaded.where("lora_target_modules") == "command line --lora_target_modules"
+
+
+def test_parse_overrides_handles_bare_flags_negative_numbers_and_dashes():
+    values, _ = parse_overrides(["--packing", "--max-steps", "-1", "--lora_target_modules=q_proj,v_proj", "--model", "m"])
+    assert values == {"packing": True, "max_steps": -1, "lora_target_modules": "q_proj,v_proj", "model": "m"}
+    assert load_config(None, ["--lora_target_modules=q_proj,v_proj"]).config.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_stray_argument_is_an_error():
+    with pytest.raises(ConfigError, match="unexpected command-line argument 'stray'"):
+        parse_overrides(["stray"])
+
+
+def test_aliases_of_other_tools_are_accepted(tmp_path):
+    path = write(tmp_path, "model_id_or_path: llava-hf/llava-1.5-7b-hf\nquant_method: awq\nepochs: 3\n")
+    config = load_config(path, task="infer").config
+    assert (config.model, config.quantization, config.num_train_epochs) == ("llava-hf/llava-1.5-7b-hf", "awq", 3.0)
+
+
+def test_task_in_file_must_match_the_command(tmp_path):
+    path = write(tmp_path, "task: rl\nmodel: m\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:1: task is 'rl' but the command is `vistune sft`"):
+        load_config(path, task="sft")
+
+
+def test_yaml_problems_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2: not valid YAML"):
+        load_config(write(tmp_path, "model: m\n  - broken: [\n", "bad.yaml"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n", "list.yaml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_a_key_set_twice_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"run\.yaml:3: key 'gpu_num' is set twice \(first at line 1\)"):
+        load_config(write(tmp_path, "gpu_num: 4\nmodel: m\ngpu_num: 2\n"))
+
+
+def test_rewards_normalise_and_reject_bad_entries(tmp_path):
+    config = load_config(None, ["--rewards", "[bleu, {name: length, weight: 0.5, options: {max: 10}}]"]).config
+    assert config.rewards == [
+        {"name": "bleu", "weight": 1.0, "options": {}},
+        {"name": "length", "weight": 0.5, "options": {"max": 10}},
+    ]
+    with pytest.raises(ConfigError, match=r"rewards\[0\] has unknown keys \['wieght'\]"):
+        load_config(write(tmp_path, "rewards: [{name: bleu, wieght: 2}]\n"))
+
+
+def test_list_and_dict_defaults_are_not_shared_between_configs():
+    a, b = RunConfig(), RunConfig()
+    a.lora_target_modules.append("k_proj")
+    a.algorithm_options["x"] = 1
+    assert b.lora_target_modules == ["q_proj", "v_proj"]
+    assert b.algorithm_options == {}
+
+
+def test_optional_fields_accept_null(tmp_path):
+    config = load_config(write(tmp_path, "save_total_limit: null\nmax_samples: null\n")).config
+    assert config.save_total_limit is None and config.max_samples is None
+
+
+def test_every_field_has_help_type_and_tasks():
+    for name, field in FIELDS.items():
+        meta = field.metadata
+        assert meta["help"] and meta["type"] in ("str", "path", "int", "float", "bool", "str_list", "dict", "rewards"), name
+        assert set(meta["tasks"]) <= {"sft", "rl", "infer", "serve", "export"}, name
