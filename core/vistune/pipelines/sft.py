@@ -1,0 +1,219 @@
+"""``vistune sft``: supervised fine-tuning with ``transformers.Trainer``.
+
+The order matters: everything that can refuse the run (resume policy, missing
+optional packages) is checked before the model is loaded, and a distributed run
+hands over to torchrun before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from vistune import launch
+from vistune.errors import VistuneError
+from vistune.plan import Plan
+from vistune.training import checkpoints
+from vistune.training.arguments import check_liger
+
+
+def run(plan: Plan) -> None:
+    """Train the plan's model on its dataset and save the result to ``output_dir``."""
+    config = plan.config
+    check_liger(plan.loaded)
+    resume_from = checkpoints.resolve_resume(
+        config, where=plan.loaded.where("resume"), may_delete=launch.is_main_process()
+    )
+    if launch.is_main_process():
+        checkpoints.remove_stale_staging(config.output_dir)  # a crashed save's leftovers
+    if config.packing:
+        _packing_functions()  # fail now, not after the model has loaded
+    for location in (plan.dataset, plan.eval_dataset):
+        if location is not None:
+            ensure_built(location)
+    if launch.relaunch_if_needed(plan):
+        return
+    trainer, processor = build_trainer(plan)
+    if resume_from is not None:
+        print(f"vistune: resuming from {resume_from}", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    save_final(trainer, processor, plan)
+
+
+def build_trainer(plan: Plan):
+    """Model, data, adapter, collator and :class:`VistuneTrainer`; fires ``vistune_trainer_created``.
+
+    Returns ``(trainer, processor)``.
+    """
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from vistune import loading
+    from vistune.data.collate import Collator
+    from vistune.plugins import get_plugin_manager
+    from vistune.training.arguments import training_arguments
+    from vistune.training.metrics import MetricsCallback
+    from vistune.training.trainer import VistuneTrainer
+
+    config = plan.config
+    set_seed(config.seed)  # adapter weights are initialised before the Trainer seeds
+    model, processor = loading.load_model(plan, for_training=True)
+    encoder = loading.make_encoder(plan, processor)
+    train_dataset = encoded_dataset(plan, plan.dataset, encoder)
+    eval_dataset = encoded_dataset(plan, plan.eval_dataset, encoder) if plan.eval_dataset else None
+    if config.cache_encoded and not config.packing:
+        train_dataset = MemoryCachedDataset(train_dataset)
+        eval_dataset = MemoryCachedDataset(eval_dataset) if eval_dataset is not None else None
+    if config.packing:
+        pack_dataset, collator = _packing_functions()
+        train_dataset = pack_dataset(train_dataset, config.max_packed_length, model, plan.model_type)
+        if eval_dataset is not None:
+            eval_dataset = pack_dataset(eval_dataset, config.max_packed_length, model, plan.model_type)
+    else:
+        collator = Collator(pad_token_id(processor))
+    model = loading.apply_adapter(plan, model)
+    device = plan.launch.device if plan.launch else ("cuda" if _cuda() else "cpu")
+    args = training_arguments(config, device, has_eval=eval_dataset is not None, **adapter_trainer_overrides(plan))
+    trainer = VistuneTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        vistune_config=config,
+        model_type=plan.model_type,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(MetricsCallback(config.output_dir, config.report_to))
+    get_plugin_manager().hook.vistune_trainer_created(trainer=trainer, config=config)
+    return trainer, processor
+
+
+class MemoryCachedDataset:
+    """A map-style dataset that keeps each item after its first read (``cache_encoded: true``).
+
+    Encoding (image preprocessing, chat template, tokenizing) can cost more than a
+    small model's training step; a small dataset trained for many epochs then pays it
+    once.  Every process keeps its own copy, so this is for datasets that fit in memory.
+    """
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+        self._items: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self._items.get(index)
+        if item is None:
+            item = self._items[index] = self.dataset[index]
+        return item
+
+
+def adapter_trainer_overrides(plan: Plan) -> dict[str, Any]:
+    """``TrainingArguments`` keywords an adapter needs (GaLore's optimizer, for one).
+
+    An adapter asks for them with a ``trainer_overrides(config, model_type)`` function
+    in the module that holds its ``apply`` function.
+    """
+    import importlib
+
+    ref = plan.adapter.apply if plan.adapter else None
+    if not isinstance(ref, str):
+        return {}
+    module = importlib.import_module(ref.partition(":")[0])
+    overrides = getattr(module, "trainer_overrides", None)
+    return dict(overrides(plan.config, plan.model_type)) if callable(overrides) else {}
+
+
+def encoded_dataset(plan: Plan, location, encoder):
+    """Read a dataset's records and encode them lazily with the plan's template."""
+    from vistune.data.encoded import EncodedDataset
+    from vistune.data.readers import read_dataset
+
+    config = plan.config
+    samples = read_dataset(
+        location,
+        on_bad_record=config.on_bad_record,
+        allow_remote_images=config.allow_remote_images,
+        max_samples=config.max_samples,
+    )
+    return EncodedDataset(samples, encoder)
+
+
+def ensure_built(location) -> None:
+    """Generate an embedded dataset (``Dataset.builder``) on first use."""
+    if not location.needs_build or (location.data_file is not None and location.data_file.exists()):
+        return
+    from vistune.specs import load_ref
+
+    spec = location.spec
+    root = location.data_file.parents[len(Path(spec.data_file).parts) - 1]
+    load_ref(spec.builder)(root, spec)
+    if not location.data_file.exists():
+        raise VistuneError(f"the builder of dataset {spec.name!r} ({spec.builder}) did not write {location.data_file}")
+
+
+def pad_token_id(processor: Any) -> int:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise VistuneError("the tokenizer has neither a pad token nor an end-of-sequence token to pad batches with")
+    return pad
+
+
+def save_final(trainer, processor, plan: Plan) -> Path:
+    """Save the trained model (or adapter) and processor to ``output_dir`` with vistune's run file.
+
+    The run file goes in last: its presence marks a complete output, and it tells
+    ``vistune infer`` / ``export`` the model type, template and base model.
+    """
+    from vistune import __version__
+    from vistune.config import config_to_dict
+    from vistune.models import RUN_FILE
+    from vistune.training.trainer import fire_checkpoint_saved
+
+    config = plan.config
+    output_dir = Path(config.output_dir)
+    trainer.save_model(str(output_dir))
+    if trainer.args.should_save:
+        if processor is not None and trainer.processing_class is None:
+            processor.save_pretrained(str(output_dir))
+        run = {
+            "vistune_version": __version__,
+            "model_type": plan.model_type.name if plan.model_type else None,
+            "template": plan.template.name if plan.template else None,
+            "adapter": plan.adapter.name if plan.adapter else None,
+            "base_model": str(plan.model_dir.resolve()) if plan.model_dir else None,
+            "step": trainer.state.global_step,
+            "config": config_to_dict(config),
+        }
+        tmp = output_dir / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(run, indent=2, default=str) + "\n")
+        os.replace(tmp, output_dir / RUN_FILE)
+        fire_checkpoint_saved(str(output_dir), trainer.state.global_step, config)
+    return output_dir
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _packing_functions():
+    try:
+        from vistune.data.packing import collate_packed, pack_dataset
+    except ImportError as exc:
+        raise VistuneError(
+            f"packing is not available in this installation ({exc})",
+            hint="set packing: false",
+        ) from None
+    return pack_dataset, collate_packed

@@ -1,0 +1,93 @@
+"""``transformers.TrainingArguments`` from a vistune config."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Any
+
+from vistune.errors import ConfigError
+
+
+def default_bf16(device: str) -> bool:
+    """bf16 mixed precision when training on a GPU that supports it."""
+    import torch
+
+    return device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def check_liger(loaded: Any) -> None:
+    """``liger: true`` needs the liger-kernel package; say so before anything loads."""
+    if loaded.config.liger and importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError(
+            f"{loaded.where('liger')}: liger is true, but the liger-kernel package is not installed",
+            hint="pip install liger-kernel (it needs a CUDA GPU and triton), or set liger: false",
+        )
+
+
+def parallel_arguments(config: Any, device: str) -> dict[str, Any]:
+    """DDP needs nothing beyond torchrun's environment; FSDP shards whole decoder layers."""
+    kwargs: dict[str, Any] = {}
+    if device == "cpu" and config.gpu_num * config.nnodes > 1:
+        kwargs["ddp_backend"] = "gloo"
+    if config.parallel_method == "fsdp":
+        kwargs["fsdp"] = "full_shard auto_wrap"
+        # frozen and trainable parameters share layers under LoRA: keep the original parameters
+        kwargs["fsdp_config"] = {"use_orig_params": True, "activation_checkpointing": config.gradient_checkpointing}
+    return kwargs
+
+
+def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides: Any):
+    """The Trainer's arguments for ``config``.
+
+    Checkpoint rotation and metrics sinks are vistune's own (atomic checkpoints,
+    :mod:`vistune.training.metrics`), so the Trainer's are switched off here.
+    """
+    from transformers import TrainingArguments
+
+    bf16 = config.bf16 if config.bf16 is not None else default_bf16(device)
+    fsdp = config.parallel_method == "fsdp"
+    kwargs: dict[str, Any] = dict(
+        output_dir=config.output_dir,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_batch_size,
+        per_device_eval_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler_type,
+        max_grad_norm=config.max_grad_norm,
+        bf16=bf16,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=None,  # vistune rotates complete checkpoints itself
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.save_steps if has_eval else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=device == "cpu",
+        dataloader_pin_memory=device == "cuda",
+        use_liger_kernel=config.liger,
+        # Each process reads its own batches.  Dispatching (accelerate's default for iterable
+        # datasets such as packed rows) slices every tensor of a batch by rows, which cuts
+        # image tensors that hold more images than the batch has rows.
+        accelerator_config={"dispatch_batches": False},
+        **parallel_arguments(config, device),
+    )
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; older 5.x has only the old name
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    kwargs[prefix] = config.gradient_checkpointing and not fsdp  # FSDP checkpoints through its own config
+    # non-reentrant checkpointing works with frozen embeddings (LoRA) without forcing input gradients
+    kwargs[f"{prefix}_kwargs"] = {"use_reentrant": False} if config.gradient_checkpointing else None
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)

@@ -1,0 +1,263 @@
+"""``vistune sft`` end to end on the tiny Llava: outputs, hooks, metrics, refusals, resume, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from vistune import hookimpl
+from vistune.cli import main
+from vistune.demo.shapes import write_split
+from vistune.models import RUN_FILE
+from vistune.training import checkpoints
+from vistune.training.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A small local copy of the shapes captions: 32 training and 8 held-out records."""
+    root = tmp_path_factory.mktemp("shapes")
+    return write_split(root, "train", count=32), write_split(root, "eval", count=8)
+
+
+@pytest.fixture
+def llava_plugin(plugin_manager):
+    if "llava" not in plugin_manager.registries.models:
+        pytest.skip("the llava plugin is not installed (pip install -e plugins/llava)")
+
+
+def _config(path: Path, **values) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def _base(model, shapes, output_dir, **values):
+    train, held_out = shapes
+    base = {"model": str(model), "dataset": str(train), "eval_dataset": str(held_out), "output_dir": str(output_dir),
+            "dtype": "float32", "device": "cpu", "per_device_batch_size": 4, "logging_steps": 1, "seed": 0}  # fmt: skip
+    return {**base, **values}
+
+
+def test_lora_run_writes_a_loadable_adapter_metrics_and_fires_hooks(tiny_llava, shapes, tmp_path, register_plugin,
+                                                                     llava_plugin, capsys):  # fmt: skip
+    seen = {"trainers": [], "saved": []}
+
+    class Listener:
+        @hookimpl
+        def vistune_trainer_created(self, trainer, config):
+            seen["trainers"].append(type(trainer).__name__)
+
+        @hookimpl
+        def vistune_checkpoint_saved(self, path, step, config):
+            seen["saved"].append((Path(path).name, step, (Path(path) / checkpoints.COMPLETE_MARKER).exists()))
+
+    register_plugin(Listener())
+    out = tmp_path / "out"
+    config = _config(tmp_path / "run.yaml", **_base(tiny_llava, shapes, out, adapter="lora", lora_dropout=0.0,
+                     max_steps=4, save_steps=2, learning_rate=1e-2, projector_lr=1e-3))  # fmt: skip
+    assert main(["sft", "--config", str(config)]) == 0
+
+    assert seen["trainers"] == ["VistuneTrainer"]
+    assert seen["saved"] == [("checkpoint-2", 2, True), ("checkpoint-4", 4, True), ("out", 4, False)]
+    run = json.loads((out / RUN_FILE).read_text())
+    assert (run["model_type"], run["template"], run["adapter"]) == ("llava", "llava-1.5", "lora")
+    assert Path(run["base_model"]) == Path(tiny_llava).resolve() and run["config"]["max_steps"] == 4
+
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for record in steps:
+        assert {"epoch", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(record)
+        assert record["tokens"] > 0 and record["loss"] > 0
+    assert any("eval_loss" in r for r in records)
+    assert (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    # the adapter loads with plain transformers + peft, and it was trained
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32)
+    before = {n: p.clone() for n, p in base.named_parameters() if "multi_modal_projector" in n}
+    model = PeftModel.from_pretrained(base, out)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # peft initialises B to zero
+    assert all("language_model" in n for n, _ in model.named_parameters() if "lora_" in n)
+    AutoProcessor.from_pretrained(out)
+    # the projector was not trained (LoRA without freeze_projector: false)
+    merged = model.merge_and_unload()
+    for name, param in merged.named_parameters():
+        if name in before:
+            assert torch.equal(param, before[name])
+
+
+def test_full_run_trains_every_unfrozen_part(tiny_llava, shapes, tmp_path, llava_plugin):
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "out"
+    config = _config(tmp_path / "run.yaml", **_base(tiny_llava, shapes, out, adapter="full", max_steps=2,
+                     save_steps=10, learning_rate=1e-3, report_to=["jsonl"]))  # fmt: skip
+    assert main(["sft", "--config", str(config)]) == 0
+    base = dict(AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32).named_parameters())
+    trained = dict(AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).named_parameters())
+    changed = {n for n in base if not torch.equal(base[n], trained[n])}
+    assert any(n.startswith("model.multi_modal_projector") for n in changed)
+    assert any(n.startswith("model.language_model") for n in changed)
+    assert not any(n.startswith("model.vision_tower") for n in changed)  # freeze_vision_tower defaults to true
+
+
+def test_refuses_an_output_dir_with_checkpoints_before_loading(tiny_llava, shapes, tmp_path, monkeypatch, capsys,
+                                                                llava_plugin):  # fmt: skip
+    import vistune.loading
+
+    out = tmp_path / "out"
+    existing = out / "checkpoint-3"
+    existing.mkdir(parents=True)
+    (existing / checkpoints.COMPLETE_MARKER).write_text("")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output directory was checked")
+
+    monkeypatch.setattr(vistune.loading, "load_model", must_not_load)
+    config = _config(tmp_path / "run.yaml", **_base(tiny_llava, shapes, out, max_steps=2))
+    assert main(["sft", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints (checkpoint-3)" in err and "resume: auto" in err
+    assert existing.is_dir()
+
+
+KILLER = """
+import os, signal, sys
+from vistune import hookimpl
+from vistune.cli import main
+from vistune.plugins import get_plugin_manager
+
+class Killer:
+    @hookimpl
+    def vistune_checkpoint_saved(self, path, step, config):
+        if step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+get_plugin_manager().add_plugin(Killer(), name="killer")
+sys.exit(main(["sft", "--config", {config!r}]))
+"""
+
+
+def _weights(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_llava, shapes, tmp_path, llava_plugin):
+    # 32 samples / batch 4 = 8 steps per epoch: the run crosses an epoch boundary after the crash
+    values = _base(tiny_llava, shapes, None, adapter="full", freeze_vision_tower=False, max_steps=10, save_steps=3,
+                   learning_rate=1e-3, report_to=["jsonl"])  # fmt: skip
+    values.pop("eval_dataset")
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert main(["sft", "--config", str(_config(tmp_path / "a.yaml", **{**values, "output_dir": str(straight)}))]) == 0
+
+    config = _config(tmp_path / "b.yaml", **{**values, "output_dir": str(crashed)})
+    script = textwrap.dedent(KILLER).format(kill_at=6, config=str(config))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert checkpoints.latest_checkpoint(crashed) == crashed / "checkpoint-6"
+    assert not (crashed / RUN_FILE).exists()
+
+    assert main(["sft", "--config", str(config), "--resume", "auto"]) == 0
+    expected, got = _weights(straight), _weights(crashed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], rtol=0, atol=1e-7), name
+    # the metrics of the resumed run continue the crashed one's, without the steps trained twice
+    losses = {r["step"]: r["loss"] for r in read_metrics(straight / "metrics.jsonl") if "loss" in r}
+    resumed = [(r["step"], r["loss"]) for r in read_metrics(crashed / "metrics.jsonl") if "loss" in r]
+    assert [s for s, _ in resumed] == list(range(1, 11))
+    assert all(loss == pytest.approx(losses[step], rel=1e-5) for step, loss in resumed)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["ddp", "fsdp"])
+def test_two_processes_on_cpu_share_the_work(method, tiny_llava, shapes, tmp_path, llava_plugin):
+    out = tmp_path / "out"
+    values = _base(tiny_llava, shapes, out, adapter="lora", lora_dropout=0.0, max_steps=4, save_steps=2,
+                   per_device_batch_size=2, gpu_num=2, parallel_method=method, master_port=_free_port(),
+                   report_to=["jsonl"])  # fmt: skip
+    values.pop("eval_dataset")
+    config = _config(tmp_path / "run.yaml", **values)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "vistune", "sft", "--config", str(config)], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.distributed.run --nproc_per_node 2" in result.stderr
+    main_records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    other_records = [r for r in read_metrics(out / "metrics.rank1.jsonl") if "loss" in r]
+    assert [r["step"] for r in main_records] == [r["step"] for r in other_records] == [1, 2, 3, 4]
+    for a, b in zip(main_records, other_records):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)  # averaged over both processes
+        # two processes x 2 samples per step out of 32: each step is 1/8 of an epoch
+        assert a["epoch"] == pytest.approx(a["step"] * 2 * 2 / 32)
+    final = out / "checkpoint-4"
+    assert checkpoints.is_complete(final)
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in final.iterdir()}
+    assert (out / RUN_FILE).is_file()
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_llava), out)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_liger_without_the_package_is_refused_before_loading(tiny_llava, shapes, tmp_path, monkeypatch, capsys,
+                                                             llava_plugin):  # fmt: skip
+    import importlib.util
+
+    import vistune.loading
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    monkeypatch.setattr(vistune.loading, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    config = _config(tmp_path / "run.yaml", **_base(tiny_llava, shapes, tmp_path / "out", liger=True))
+    assert main(["sft", "--config", str(config)]) == 2
+    assert "liger-kernel package is not installed" in capsys.readouterr().err
+
+
+def test_packed_batches_keep_every_image_of_their_rows(tiny_llava, shapes, tmp_path, llava_plugin):
+    from vistune.config import load_config
+    from vistune.pipelines.sft import build_trainer
+    from vistune.plan import make_plan
+    from vistune.plugins import get_plugin_manager
+
+    values = _base(tiny_llava, shapes, tmp_path / "out", packing=True, max_packed_length=128, max_steps=2,
+                   per_device_batch_size=2, report_to=["jsonl"])  # fmt: skip
+    plan = make_plan(load_config(str(_config(tmp_path / "run.yaml", **values)), task="sft"), get_plugin_manager())
+    plan.raise_if_not_ready()
+    trainer, _ = build_trainer(plan)
+    batch = next(iter(trainer.get_train_dataloader()))
+    image_token = trainer.model.config.image_token_id
+    images = batch["pixel_values"].shape[0]
+    assert images > batch["input_ids"].shape[0]  # several samples per row
+    assert (batch["input_ids"] == image_token).sum().item() == images * 16  # 16 tokens per tiny-Llava image
+    trainer.train()
+    losses = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
