@@ -1,0 +1,347 @@
+"""Multimodal packing: a packed batch computes exactly what the same samples compute one by one.
+
+The reference is the plain transformers model run on each sample alone (Qwen2-VL computing
+its own multimodal RoPE positions from ``mm_token_type_ids``); the packed batch must give the
+same logits per sample, the same loss (token-level mean over all samples) and the same gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from vistune.data.packing import (  # noqa: E402
+    PackedDataset,
+    collate_packed,
+    first_fit_decreasing,
+    make_row,
+    pack_dataset,
+    trainer_overrides,
+)
+from vistune.errors import DataError  # noqa: E402
+from vistune.specs import ModelType  # noqa: E402
+from vistune.templates import IGNORE_INDEX  # noqa: E402
+
+LLAVA = ModelType(
+    "test-llava", loader="transformers:AutoModelForImageTextToText", default_template="test",
+    vision_tower=("model.vision_tower",), projector=("model.multi_modal_projector",),
+    language_model=("model.language_model", "lm_head"), supports_packing=True,
+)  # fmt: skip
+QWEN2_VL = ModelType(
+    "test-qwen2-vl", loader="transformers:AutoModelForImageTextToText", default_template="test",
+    vision_tower=("model.visual",), projector=("model.visual.merger",),
+    language_model=("model.language_model", "lm_head"), supports_packing=True,
+)  # fmt: skip
+
+
+def _load(path):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()  # the training path; the tiny configs have no dropout, so outputs are deterministic
+    return model
+
+
+def _text(gen, n, vocab_low=12, vocab_high=860):
+    return torch.randint(vocab_low, vocab_high, (n,), generator=gen).tolist()
+
+
+def _sample(prompt_ids, answer_ids, **images):
+    input_ids = prompt_ids + answer_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    return {"input_ids": input_ids, "labels": labels, **images}
+
+
+def llava_samples(model, count=5, seed=0):
+    """Samples shaped like the Llava template's: text, 16 <image> tokens per image, answer."""
+    gen = torch.Generator().manual_seed(seed)
+    image_id = model.config.image_token_id
+    tokens_per_image = model.config.image_seq_length
+    size = model.config.vision_config.image_size
+    samples = []
+    for i in range(count):
+        n_images = [1, 0, 2, 1, 1][i % 5]
+        prompt = _text(gen, 3 + i)
+        for _ in range(n_images):
+            prompt += [image_id] * tokens_per_image + _text(gen, 2)
+        images = {}
+        if n_images:
+            images["pixel_values"] = torch.randn(n_images, 3, size, size, generator=gen)
+        samples.append(_sample(prompt, _text(gen, 4 + 2 * i), **images))
+    return samples
+
+
+def qwen_samples(model, count=5, seed=0):
+    """Samples shaped like the Qwen2-VL template's: <|vision_start|>, merged patches, <|vision_end|>."""
+    gen = torch.Generator().manual_seed(seed)
+    config = model.config
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    grids = [(1, 4, 4), (1, 2, 4), (1, 4, 6), (1, 2, 2)]
+    samples = []
+    for i in range(count):
+        n_images = [1, 0, 2, 1, 1][i % 5]
+        prompt = _text(gen, 3 + i)
+        thw = []
+        for j in range(n_images):
+            t, h, w = grids[(i + j) % len(grids)]
+            thw.append([t, h, w])
+            prompt += [config.vision_start_token_id] + [config.image_token_id] * (t * h * w // merge**2)
+            prompt += [config.vision_end_token_id] + _text(gen, 2)
+        images = {}
+        if thw:
+            grid = torch.tensor(thw)
+            images["image_grid_thw"] = grid
+            images["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=gen)
+        samples.append(_sample(prompt, _text(gen, 4 + 2 * i), **images))
+    return samples
+
+
+def llava_next_samples(processor, count=4):
+    """Samples from the Llava-NeXT processor: images of different shapes give different patch counts."""
+    from PIL import Image
+
+    sizes = [(32, 64), (64, 64), (64, 32), (32, 32)]
+    colours = ["red", "green", "blue", "white"]
+    samples = []
+    for i in range(count):
+        image = Image.new("RGB", sizes[i % 4], colours[i % 4])
+        prompt = "[INST] <image>\nWhat colour is the shape? [/INST]"
+        answer = " a " + colours[i % 4] + " circle" * (i + 1)
+        encoded = processor(text=prompt + answer, images=[image], return_tensors="pt")
+        n_prompt = len(processor(text=prompt, images=[image], return_tensors="pt")["input_ids"][0])
+        input_ids = encoded["input_ids"][0].tolist()
+        labels = [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
+        samples.append({"input_ids": input_ids, "labels": labels, "pixel_values": encoded["pixel_values"],
+                        "image_sizes": encoded["image_sizes"]})  # fmt: skip
+    return samples
+
+
+def _mm_token_type_ids(model, input_ids):
+    types = torch.zeros_like(input_ids)
+    types[input_ids == model.config.image_token_id] = 1
+    return types
+
+
+def unpacked_reference(model, samples):
+    """Per-sample logits, and the loss/gradients of the token-level mean over all samples."""
+    model.zero_grad()
+    logits, total, count = [], 0.0, 0
+    for sample in samples:
+        input_ids = torch.tensor([sample["input_ids"]])
+        labels = torch.tensor([sample["labels"]])
+        kwargs = {k: v for k, v in sample.items() if k not in ("input_ids", "labels")}
+        if "image_grid_thw" in kwargs:
+            kwargs["mm_token_type_ids"] = _mm_token_type_ids(model, input_ids)
+        out = model(input_ids=input_ids, labels=labels, **kwargs)
+        n = int((labels[0, 1:] != IGNORE_INDEX).sum())
+        logits.append(out.logits[0].detach())
+        total = total + out.loss * n
+        count += n
+    loss = total / count
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return logits, loss.detach(), grads
+
+
+def packed_run(model, groups):
+    batch = collate_packed([make_row(group, positions=_positions(model)) for group in groups])
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = []
+    for row, group in enumerate(groups):
+        start = 0
+        for sample in group:
+            n = len(sample["input_ids"])
+            logits.append(out.logits[row, start : start + n].detach())
+            start += n
+    return batch, logits, out.loss.detach(), grads
+
+
+def _positions(model):
+    from vistune.data.packing import position_function
+
+    return position_function(model)
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_llava):
+    return _load(tiny_llava)
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tiny_qwen2_vl):
+    return _load(tiny_qwen2_vl)
+
+
+@pytest.fixture(scope="module")
+def llava_next(tiny_llava_next):
+    return _load(tiny_llava_next)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "vistune_varlen"])
+@pytest.mark.parametrize("kind", ["llava", "llava-next", "qwen2-vl"])
+def test_packed_batch_equals_samples_one_by_one(kind, attention, request):
+    model = request.getfixturevalue(kind.replace("-", "_"))
+    model_type = QWEN2_VL if kind == "qwen2-vl" else LLAVA
+    if kind == "llava-next":
+        from vistune.tiny_models import load_tiny_processor
+
+        samples = llava_next_samples(load_tiny_processor("llava-next", request.getfixturevalue("tiny_llava_next")))
+    else:
+        samples = (llava_samples if kind == "llava" else qwen_samples)(model)
+    text_config = model.config.get_text_config()
+    text_config._attn_implementation = "sdpa"
+    # switches the KV cache off, and with packed_attention the language model's attention, as the pipeline does
+    pack_dataset([], 4096, model, model_type, packed_attention=attention != "sdpa")
+    assert text_config._attn_implementation == attention
+    # two rows of different lengths: the shorter one is padded with its own segment
+    groups = [samples[:3], samples[3:]]
+    batch, packed_logits, packed_loss, packed_grads = packed_run(model, groups)
+    assert "attention_mask" not in batch
+    assert batch["position_ids"].shape[-2:] == batch["input_ids"].shape
+    if kind == "qwen2-vl":
+        assert batch["position_ids"].shape[0] == 4  # text row + 3 mrope rows
+    ref_logits, ref_loss, ref_grads = unpacked_reference(model, samples)
+
+    for got, want in zip(packed_logits, ref_logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_loss, ref_loss, atol=1e-6, rtol=1e-5)
+    assert packed_grads.keys() == ref_grads.keys()
+    vision_grads = [n for n in ref_grads if n.startswith(model_type.vision_tower[0] + ".")]
+    assert vision_grads, "the vision tower's gradients are compared too"
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(packed_grads[name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_without_resetting_positions_samples_would_mix(llava):
+    """The check above can fail: one sample's logits change when positions run on across samples."""
+    samples = llava_samples(llava)
+    row = make_row(samples[:2])
+    n0 = len(samples[0]["input_ids"])
+    with torch.no_grad():
+        packed = llava(**collate_packed([row], pad_to_multiple_of=1)).logits[0]
+        row["position_ids"] = torch.arange(len(row["input_ids"]))
+        mixed = llava(**collate_packed([row], pad_to_multiple_of=1)).logits[0]
+        alone = llava(
+            input_ids=torch.tensor([samples[1]["input_ids"]]), pixel_values=samples[1].get("pixel_values")
+        ).logits[0]
+    torch.testing.assert_close(packed[n0:], alone, atol=1e-5, rtol=1e-5)
+    assert (mixed[n0:] - alone).abs().max() > 1e-3
+
+
+def test_loss_never_crosses_samples():
+    a = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    b = {"input_ids": [8, 9], "labels": [8, 9]}
+    row = make_row([a, b])
+    assert row["input_ids"].tolist() == [5, 6, 7, 8, 9]
+    assert row["labels"].tolist() == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
+    assert row["position_ids"].tolist() == [0, 1, 2, 0, 1]
+
+
+def test_collate_pads_with_an_isolated_segment():
+    rows = [make_row([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}]), make_row([{"input_ids": [8], "labels": [8]}])]
+    batch = collate_packed(rows, pad_to_multiple_of=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
+    aligned = collate_packed(rows)  # rounded up to a multiple of 8 by default
+    assert aligned["input_ids"].shape == (2, 8)
+    assert aligned["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+
+
+def test_first_fit_decreasing_fills_bins():
+    lengths = [7, 5, 4, 3, 3, 2, 1]
+    bins = first_fit_decreasing(lengths, 8)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 8 for b in bins)
+    assert len(bins) == 4  # 25 tokens need at least 4 bins of 8
+
+
+def _toy(lengths):
+    return [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
+
+
+@pytest.mark.parametrize("buffer_size", [1, 4, 64])
+def test_every_sample_once_per_epoch_never_split(buffer_size):
+    lengths = [(i * 37) % 29 + 1 for i in range(100)]
+    samples = _toy(lengths)
+    for i, s in enumerate(samples):
+        s["input_ids"][0] = 1000 + i  # a tag to find each sample again
+    dataset = PackedDataset(samples, 32, buffer_size=buffer_size, seed=3)
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        seen = []
+        for row in dataset:
+            assert len(row["input_ids"]) <= 32
+            starts = (row["position_ids"] == 0).nonzero().flatten().tolist() + [len(row["input_ids"])]
+            for a, b in zip(starts, starts[1:]):
+                tag = int(row["input_ids"][a]) - 1000
+                assert b - a == lengths[tag]  # whole, never split
+                seen.append(tag)
+        assert sorted(seen) == list(range(100))
+    total = sum(lengths)
+    rows = sum(1 for _ in dataset)
+    assert rows >= -(-total // 32)
+    if buffer_size == 64:
+        assert total / (rows * 32) > 0.9  # a real buffer packs tightly
+
+
+def test_length_estimate_is_close():
+    lengths = [(i * 37) % 29 + 1 for i in range(400)]
+    dataset = PackedDataset(_toy(lengths), 32, buffer_size=64, seed=0, probe=128)
+    actual = sum(1 for _ in dataset)
+    assert abs(len(dataset) - actual) <= 0.1 * actual
+
+
+def test_dropped_samples_are_skipped():
+    samples = _toy([3, 4, 5])
+    samples[1] = None  # truncation: drop
+    rows = list(PackedDataset(samples, 16, seed=0))
+    assert sum(len(r["input_ids"]) for r in rows) == 8
+
+
+def test_sample_longer_than_a_row_is_an_error_naming_it():
+    class Encoded(list):
+        def source(self, index):
+            return f"train.jsonl:{index + 1}"
+
+    dataset = PackedDataset(Encoded(_toy([3, 40, 5])), 16, shuffle=False)
+    with pytest.raises(DataError, match=r"sample 1 \(train.jsonl:2\) has 40 tokens.*max_packed_length \(16\)"):
+        list(dataset)
+
+
+def test_model_types_without_packing_are_refused(llava):
+    from vistune.errors import VistuneError
+
+    unsupported = ModelType("no-packing", loader="transformers:AutoModel", default_template="test")
+    with pytest.raises(VistuneError, match="cannot isolate packed samples"):
+        pack_dataset([], 64, llava, unsupported)
+
+
+def test_trainer_keeps_packed_batches_whole(tmp_path):
+    """accelerate's batch dispatching would slice the image tensors of a packed batch; the overrides turn it off."""
+    from accelerate.data_loader import DataLoaderDispatcher
+    from transformers import Trainer, TrainingArguments
+
+    class Tiny(torch.nn.Module):
+        def forward(self, **batch):
+            return {"loss": torch.zeros(())}
+
+    samples = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "pixel_values": torch.zeros(2, 3, 4, 4)}] * 4
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=1,
+                             max_steps=1, remove_unused_columns=False, **trainer_overrides())  # fmt: skip
+    trainer = Trainer(
+        model=Tiny(), args=args, train_dataset=PackedDataset(samples, 6, seed=0), data_collator=collate_packed
+    )
+    loader = trainer.get_train_dataloader()
+    assert not isinstance(loader, DataLoaderDispatcher)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape[0] == 4  # both samples' two images, none sliced away
