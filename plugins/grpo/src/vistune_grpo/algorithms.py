@@ -1,0 +1,178 @@
+"""GRPO and its relatives as :class:`vistune.rl.algorithm.RLAlgorithm` implementations.
+
+* :class:`GRPO`, Shao et al. 2024 (DeepSeekMath), eq. 3: advantages ``(r_i - mean(r)) /
+  std(r)`` within each prompt's group; the PPO-clipped per-token ratio; the token losses
+  averaged over each sequence, then over sequences; plus ``beta`` times the k3 KL estimate
+  against the reference model.
+* :class:`DrGRPO`, Liu et al. 2025 ("Understanding R1-Zero-like training"): the same
+  without dividing by the group std and with a constant normaliser
+  (``sequences x max_completion_length``) instead of each sequence's length.
+* :class:`GSPO`, Zheng et al. 2025: one importance ratio per sequence,
+  ``s_i = exp(mean_t log(pi_theta / pi_old))``, clipped per sequence.
+* :class:`RLOO`, Ahmadian et al. 2024: advantage ``r_i - mean_{j != i} r_j`` (leave-one-out
+  baseline), REINFORCE on the whole sequence's log-probability, and the KL to the
+  reference model subtracted from the reward (``r - beta * sum_t log pi_old/pi_ref``)
+  rather than added to the loss.
+
+``algorithm_options`` each class understands are in its ``OPTIONS``; ``epsilon``,
+``epsilon_high`` and ``beta`` are ordinary config keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from vistune.errors import ConfigError
+from vistune.rl.algorithm import PolicyBatch, PolicyLoss, RLAlgorithm, RolloutStats, read_options
+from vistune.rl.objectives import (
+    NORMALISATIONS,
+    clipped_surrogate,
+    group_mean,
+    group_std,
+    importance_log_ratio,
+    k3_kl,
+    leave_one_out_baseline,
+    masked_average,
+    normalise_loss,
+)
+
+__all__ = ["GRPO", "GSPO", "RLOO", "DrGRPO"]
+
+
+class GRPO(RLAlgorithm):
+    """Group Relative Policy Optimization.
+
+    :param config: the run's :class:`vistune.config.RunConfig`; reads ``beta``,
+        ``epsilon``, ``epsilon_high`` and ``algorithm_options`` (see ``OPTIONS``).
+    """
+
+    name = "grpo"
+    #: ``algorithm_options`` and their defaults.
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        # sequence (GRPO), token (DAPO-style) or constant (Dr. GRPO)
+        "loss_normalisation": "sequence",
+        # divide the centred rewards by the group's std
+        "scale_rewards": True,
+        # added to the std so a near-constant group does not explode (TRL uses the same 1e-4)
+        "std_epsilon": 1e-4,
+        # optimizer steps per rollout batch (the paper's mu)
+        "num_iterations": 1,
+    }
+    #: ``token``: one ratio per token; GSPO uses ``sequence``, RLOO ``sequence_sum``.
+    ratio_level = "token"
+
+    def __init__(self, config: Any):
+        self.beta = float(config.beta)
+        self.epsilon_low = float(config.epsilon)
+        self.epsilon_high = float(config.epsilon_high if config.epsilon_high is not None else config.epsilon)
+        self.options = read_options(self.name, config, self.OPTIONS)
+        self.configure(self.options)
+        if self.num_iterations < 1:
+            raise ConfigError(f"algorithm_options: num_iterations of {self.name} must be at least 1")
+
+    def configure(self, options: dict[str, Any]) -> None:
+        """Take the algorithm's ``algorithm_options`` (already checked against ``OPTIONS``)."""
+        self.loss_normalisation = options["loss_normalisation"]
+        if self.loss_normalisation not in NORMALISATIONS:
+            raise ConfigError(
+                f"algorithm_options: loss_normalisation of {self.name} must be one of {', '.join(NORMALISATIONS)}, "
+                f"got {self.loss_normalisation!r}"
+            )
+        self.scale_rewards = options["scale_rewards"]
+        self.std_epsilon = options["std_epsilon"]
+        self.num_iterations = options["num_iterations"]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(beta={self.beta}, epsilon=({self.epsilon_low}, {self.epsilon_high}), "
+                f"ratio={self.ratio_level}, loss_normalisation={self.loss_normalisation}, "
+                f"scale_rewards={self.scale_rewards}, num_iterations={self.num_iterations})")  # fmt: skip
+
+    def advantages(self, rewards: Any) -> Any:
+        import torch
+
+        advantages = rewards - group_mean(rewards)
+        if self.scale_rewards:
+            advantages = advantages / (group_std(rewards) + self.std_epsilon)
+        return torch.nan_to_num(advantages, nan=0.0)
+
+    def kl_in_loss(self) -> bool:
+        """Whether ``beta`` weighs a KL term of the loss (GRPO) rather than a reward penalty (RLOO)."""
+        return True
+
+    def loss(self, batch: PolicyBatch) -> PolicyLoss:
+        mask = batch.mask
+        log_ratio = importance_log_ratio(batch.logps, batch.old_logps, mask, self.ratio_level)
+        per_token, flags = clipped_surrogate(
+            log_ratio, batch.advantages.unsqueeze(-1), self.epsilon_low, self.epsilon_high
+        )
+        metrics = {
+            "clip_fraction/low": masked_average(flags["low"], mask),
+            "clip_fraction/high": masked_average(flags["high"], mask),
+            "clip_fraction/region": masked_average(flags["low"] | flags["high"], mask),
+            "importance_ratio": masked_average(flags["ratio"].detach(), mask),
+        }
+        if self.beta > 0 and self.kl_in_loss():
+            kl = k3_kl(batch.logps, batch.ref_logps)
+            per_token = per_token + self.beta * kl
+            metrics["kl"] = masked_average(kl.detach(), mask)
+        loss = normalise_loss(
+            per_token,
+            mask,
+            self.loss_normalisation,
+            num_sequences=batch.num_sequences,
+            num_tokens=batch.num_tokens,
+            max_completion_length=batch.max_completion_length,
+        )
+        return PolicyLoss(loss, metrics)
+
+
+class DrGRPO(GRPO):
+    """GRPO done right: no std scaling, constant loss normaliser."""
+
+    name = "dr-grpo"
+    OPTIONS: ClassVar[dict[str, Any]] = {**GRPO.OPTIONS, "loss_normalisation": "constant", "scale_rewards": False}
+
+
+class GSPO(GRPO):
+    """Group Sequence Policy Optimization: the importance ratio and its clipping are per sequence."""
+
+    name = "gspo"
+    ratio_level = "sequence"
+
+
+class RLOO(GRPO):
+    """REINFORCE Leave-One-Out: each completion's baseline is the mean reward of its siblings."""
+
+    name = "rloo"
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        # standardise the advantages over the whole batch afterwards (TRL's normalize_advantages)
+        "normalize_advantages": False,
+        "std_epsilon": 1e-4,
+        "num_iterations": 1,
+    }
+    ratio_level = "sequence_sum"
+
+    def configure(self, options: dict[str, Any]) -> None:
+        self.loss_normalisation = "sequence"  # of (B, 1) sequence losses: their mean
+        self.scale_rewards = False
+        self.std_epsilon = options["std_epsilon"]
+        self.num_iterations = options["num_iterations"]
+        self.normalize_advantages = options["normalize_advantages"]
+
+    def kl_in_loss(self) -> bool:
+        return False
+
+    def shape_rewards(self, rewards: Any, rollout: RolloutStats) -> Any:
+        if self.beta > 0 and rollout.kl is not None:
+            return rewards - self.beta * rollout.kl
+        return rewards
+
+    def advantages(self, rewards: Any) -> Any:
+        import torch
+
+        advantages = rewards - leave_one_out_baseline(rewards)
+        if self.normalize_advantages:
+            flat = advantages[~torch.isnan(advantages)]
+            if flat.numel() > 1:
+                advantages = (advantages - flat.mean()) / (flat.std() + self.std_epsilon)
+        return torch.nan_to_num(advantages, nan=0.0)
