@@ -1,0 +1,562 @@
+"""The ``transformers`` backend: continuous batching over a plain ``transformers`` model.
+
+One scheduler thread owns the model.  Each turn it first prefills the requests that
+arrived (all together, left-padded, so a new request's first token does not wait for
+the others to finish) and merges them into the running batch, then advances every
+running row by one token with the shared KV cache.  Rows leave the batch the moment
+they finish.  Callers never touch the model: they encode their prompt (in a small
+thread pool, off the event loop) and receive tokens through a per-request sink, which
+for :meth:`TransformersEngine.stream` is an ``asyncio.Queue`` of the caller's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from vistune.errors import ConfigError, VistuneError
+from vistune.inference.detokenize import IncrementalText
+from vistune.inference.engine import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    CompletionOutput,
+    EngineClosedError,
+    GenerationRequest,
+    GenerationResult,
+    RequestError,
+    StreamEvent,
+    check_context,
+)
+from vistune.inference.kv_batch import RunningBatch
+from vistune.inference.sampling import RowSampler, sample_next
+from vistune.templates import Sample
+
+#: peft's name for "no adapter" in a mixed-adapter batch.
+BASE_ADAPTER = "__base__"
+#: Token budget of one prefill: more waiting prompts are prefilled on the next turn.
+MAX_PREFILL_TOKENS = 16384
+#: When the model is idle, how long the first arrival waits for companions to prefill with.
+BATCH_WAIT_S = 0.004
+
+
+class _Job:
+    """A submitted request: its encoded prompt, its rows' progress and where events go."""
+
+    def __init__(self, request: GenerationRequest, inputs: dict[str, Any], sink: Callable[[Any], None]):
+        self.request = request
+        self.inputs = inputs
+        self.prompt_tokens = len(inputs["input_ids"])
+        self.sink = sink
+        self.cancelled = False
+        self.unfinished = request.sampling.n
+
+    @property
+    def n(self) -> int:
+        return self.request.sampling.n
+
+
+class _Row:
+    """One completion being generated."""
+
+    def __init__(self, job: _Job, index: int, text: IncrementalText, sampler: RowSampler, adapter: str | None):
+        self.job = job
+        self.index = index
+        self.text = text
+        self.sampler = sampler
+        self.adapter = adapter
+        self.token_ids: list[int] = []
+
+
+class _Collector:
+    """Sink of a blocking :meth:`TransformersEngine.generate` call: gathers each completion."""
+
+    def __init__(self, request: GenerationRequest, done: Callable[[], None]):
+        self.request = request
+        self.texts: dict[int, list[str]] = {i: [] for i in range(request.sampling.n)}
+        self.tokens: dict[int, list[int]] = {i: [] for i in range(request.sampling.n)}
+        self.reasons: dict[int, str] = {}
+        self.prompt_tokens = 0
+        self.error: BaseException | None = None
+        self._done = done
+        self._finished = False
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._done()
+
+    def __call__(self, event: Any) -> None:
+        if self._finished:
+            return
+        if isinstance(event, BaseException):
+            self.error = event
+            self._finish()
+            return
+        self.prompt_tokens = event.prompt_tokens
+        self.texts[event.index].append(event.text)
+        self.tokens[event.index].extend(event.token_ids)
+        if event.finish_reason:
+            self.reasons[event.index] = event.finish_reason
+            if len(self.reasons) == self.request.sampling.n:
+                self._finish()
+
+    def result(self) -> GenerationResult:
+        outputs = [
+            CompletionOutput(i, "".join(self.texts[i]), self.tokens[i], self.reasons[i]) for i in sorted(self.texts)
+        ]
+        return GenerationResult(self.request.request_id, outputs, self.prompt_tokens)
+
+
+def _tokenizer_of(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", None) or processor
+
+
+def _max_model_len(model: Any) -> int:
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None) or getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class TransformersEngine:
+    """:class:`vistune.inference.Engine` over a ``transformers`` model with continuous batching.
+
+    :param model_path: local checkpoint directory.
+    :param model_type: the :class:`vistune.specs.ModelType` whose loader loads it.
+    :param config: the run's :class:`vistune.config.RunConfig` (device, dtype, quantization,
+        template, ``adapter_path``, ``max_batch_size``).
+    """
+
+    def __init__(self, model_path: str, model_type: Any, config: Any):
+        from vistune.models import LoadOptions
+        from vistune.plugins import get_plugin_manager
+        from vistune.quantization import get_scheme
+        from vistune.specs import load_ref
+
+        options = LoadOptions(dtype=config.dtype, device=config.device, attn_implementation=config.attn_implementation,
+                              quantization=get_scheme(config.quantization), trust_remote_code=config.trust_remote_code)  # fmt: skip
+        model, processor = load_ref(model_type.loader)(str(model_path), options)
+        pm = get_plugin_manager()
+        pm.hook.vistune_model_loaded(model=model, processor=processor, model_type=model_type, config=config)
+        template_name = config.template or model_type.default_template
+        encoder = _make_encoder(pm.registries.templates.get(template_name), processor, _max_model_len(model))
+        self._setup(model, processor, encoder, max_batch_size=config.max_batch_size)
+        if config.adapter_path:
+            self.add_adapter("default", config.adapter_path)
+            self._default_adapter = "default"
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, encoder: Any, *, max_batch_size: int = 8) -> TransformersEngine:
+        """An engine over an already loaded model (an RL policy, a test model).
+
+        The engine runs the model as it is: put it in eval mode first (dropout, and
+        gradient checkpointing in training mode, which turns the KV cache off), and do not
+        change its weights while a :meth:`generate` call is running.  Closing the engine
+        leaves the model alone.
+
+        :param encoder: the template's :class:`vistune.templates.Encoder` for ``processor``.
+        """
+        engine = cls.__new__(cls)
+        engine._setup(model, processor, encoder, max_batch_size=max_batch_size)
+        return engine
+
+    def _setup(self, model: Any, processor: Any, encoder: Any, *, max_batch_size: int) -> None:
+        import torch
+
+        self.model = model
+        self.processor = processor
+        self.encoder = encoder
+        self.tokenizer = _tokenizer_of(processor)
+        self.max_batch_size = max_batch_size
+        self.max_model_len = _max_model_len(model)
+        self.eos_ids = _eos_ids(model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+        self.device = next(model.parameters()).device
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self._default_adapter: str | None = None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self._rope_owner = next(
+            (m for m in base.modules() if hasattr(m, "rope_deltas") and hasattr(m, "get_rope_index")), None
+        )
+        self._lock = threading.Condition()
+        self._model_lock = threading.Lock()
+        self._waiting: deque[_Job] = deque()
+        self._rows: list[_Row] = []
+        self._batch: RunningBatch | None = None
+        self._closed = False
+        self._can_merge = True
+        self._encode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="vistune-encode")
+        self._thread = threading.Thread(target=self._loop, name="vistune-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ----------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Complete ``requests`` together; blocks until all are done (see :class:`Engine`)."""
+        prepared = [self._prepare(request) for request in requests]  # refuse before anything runs
+        remaining = threading.Semaphore(0)
+        collectors = [_Collector(request, remaining.release) for request in requests]
+        jobs = [_Job(request, inputs, collector) for request, inputs, collector in zip(requests, prepared, collectors)]
+        self._submit(jobs)
+        for _ in jobs:
+            remaining.acquire()
+        for collector in collectors:
+            if collector.error is not None:
+                raise collector.error
+        return [collector.result() for collector in collectors]
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Yield text as it is generated (see :class:`Engine`)."""
+        loop = asyncio.get_running_loop()
+        try:
+            inputs = await loop.run_in_executor(self._encode_pool, self._prepare, request)
+        except RuntimeError as exc:  # the encoding pool was shut down by close()
+            if self._closed:
+                raise EngineClosedError("the engine is closed") from exc
+            raise
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(event: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the caller's loop is gone: nobody is listening
+                job.cancelled = True
+
+        job = _Job(request, inputs, sink)
+        self._submit([job])
+        unfinished = request.sampling.n
+        try:
+            while unfinished:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if event.finish_reason:
+                    unfinished -= 1
+                yield event
+        finally:
+            if unfinished:
+                job.cancelled = True
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Load the LoRA adapter in ``path`` (peft format) as ``name``; rows pick it per request."""
+        from pathlib import Path
+
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ConfigError(f"{path} is not a peft adapter directory (no adapter_config.json)",
+                              hint="point adapter_path at the directory `vistune sft` saved")  # fmt: skip
+        with self._model_lock:
+            if hasattr(self.model, "load_adapter") and hasattr(self.model, "peft_config"):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self.model.eval()
+
+    def close(self) -> None:
+        """Stop the scheduler; waiting and running requests fail with :class:`EngineClosedError`."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
+        self._encode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> TransformersEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _prepare(self, request: GenerationRequest) -> dict[str, Any]:
+        """Encode the prompt and check it fits; raises before the request is queued."""
+        if self._closed:
+            raise EngineClosedError("the engine is closed")
+        prompt = request.prompt
+        if isinstance(prompt, Sample):
+            inputs = dict(self.encoder.encode_prompt(prompt))
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty", param="prompt")
+            inputs = {"input_ids": list(self.tokenizer(prompt)["input_ids"])}
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = len(self.tokenizer)
+            if not prompt or any(not 0 <= t < vocab for t in prompt):
+                raise RequestError(f"prompt token ids must be a non-empty list of ids in [0, {vocab})", param="prompt")
+            inputs = {"input_ids": list(prompt)}
+        else:
+            raise RequestError(f"a prompt must be a Sample, a string or token ids, got {type(prompt).__name__}",
+                               param="prompt")  # fmt: skip
+        if request.adapter is not None and request.adapter != BASE_ADAPTER:
+            known = set(getattr(self.model, "peft_config", {}) or {})
+            if request.adapter not in known:
+                raise RequestError(f"unknown adapter {request.adapter!r}; loaded: {', '.join(sorted(known)) or 'none'}",
+                                   param="model", code="model_not_found")  # fmt: skip
+        check_context(len(inputs["input_ids"]), request.sampling, self.max_model_len)
+        return inputs
+
+    def _submit(self, jobs: Sequence[_Job]) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            self._waiting.extend(jobs)
+            self._lock.notify_all()
+
+    # -- the scheduler thread ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                admitted = self._next_admissions()
+                if admitted is None:
+                    break
+                self._drop_cancelled()
+                if admitted:
+                    self._run_guarded(admitted, functools.partial(self._prefill, admitted))
+                if self._rows:
+                    self._run_guarded([row.job for row in self._rows], self._decode_step)
+        self._fail_all(EngineClosedError("the engine was closed before the request finished"))
+
+    def _next_admissions(self) -> list[_Job] | None:
+        """Jobs to prefill this turn (possibly none); ``None`` when the engine is closed."""
+        with self._lock:
+            while not self._closed and not self._waiting and not self._rows:
+                self._lock.wait()
+            if self._closed:
+                return None
+            if self._waiting and not self._rows:
+                # Idle model: give requests sent at the same moment a chance to share the prefill.
+                deadline = time.monotonic() + BATCH_WAIT_S
+                while len(self._waiting) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                    self._lock.wait(left)
+            can_merge = self._batch is None or self._can_merge
+            admitted: list[_Job] = []
+            rows, tokens = len(self._rows), 0
+            while self._waiting and can_merge:
+                job = self._waiting[0]
+                if job.cancelled:
+                    self._waiting.popleft()
+                    continue
+                fits = rows + job.n <= self.max_batch_size and tokens + job.prompt_tokens <= MAX_PREFILL_TOKENS
+                if not fits and (admitted or self._rows):
+                    break
+                admitted.append(self._waiting.popleft())
+                rows, tokens = rows + job.n, tokens + job.prompt_tokens
+            return admitted
+
+    def _run_guarded(self, jobs: Sequence[_Job], step: Callable[[], None]) -> None:
+        """Run a model step; if it raises, fail the jobs it concerned and keep serving.
+
+        A failed prefill concerns only the jobs being admitted (they join the running
+        batch at its very end); a failed decode step concerns every running row.
+        """
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - reported to every request involved
+            error = exc if isinstance(exc, VistuneError) else RuntimeError(f"generation failed: {exc!r}")
+            failed = {id(job): job for job in jobs}
+            for job in failed.values():
+                job.cancelled = True
+                job.sink(error)
+            self._rows = [row for row in self._rows if id(row.job) not in failed]
+            if not self._rows:
+                self._batch = None
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            jobs = list(self._waiting) + [row.job for row in self._rows]
+            self._waiting.clear()
+        self._rows, self._batch = [], None
+        for job in {id(j): j for j in jobs}.values():
+            job.sink(error)
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if not row.job.cancelled]
+        if len(keep) != len(self._rows):
+            self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._batch = None
+        else:
+            self._batch.select(keep)
+
+    # -- model steps -----------------------------------------------------------------------
+
+    def _forward(self, rows: Sequence[Any], **kwargs: Any) -> Any:
+        """One model call; ``rows`` give each batch row's adapter (peft mixed-adapter batches)."""
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        with self._model_lock:
+            if hasattr(self.model, "peft_config"):
+                names = [row.adapter or self._default_adapter or BASE_ADAPTER for row in rows]
+                active = getattr(self.model, "active_adapter", None)
+                if any(name != active for name in names):
+                    kwargs["adapter_names"] = names
+            return self.model(**kwargs)
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:
+            return DynamicCache()
+
+    def _collate(self, jobs: Sequence[_Job]) -> dict[str, Any]:
+        """Left-pad the prompts into one batch; image tensors are concatenated in job order."""
+        import torch
+
+        from vistune.data.collate import pad_tensors
+
+        length = max(job.prompt_tokens for job in jobs)
+        batch: dict[str, Any] = {}
+        keys = list(dict.fromkeys(k for job in jobs for k in job.inputs))
+        for key in keys:
+            if key in ("labels", "attention_mask", "token_type_ids"):
+                continue
+            values = [job.inputs.get(key) for job in jobs]
+            if all(isinstance(v, list) and len(v) == job.prompt_tokens for v, job in zip(values, jobs)):
+                pad = self.pad_id if key == "input_ids" else 0
+                batch[key] = torch.tensor([[pad] * (length - len(v)) + v for v in values], dtype=torch.long)
+            else:
+                present = [torch.as_tensor(v) for v in values if v is not None]
+                if present:
+                    batch[key] = pad_tensors(present)
+        lengths = torch.tensor([job.prompt_tokens for job in jobs])
+        batch["attention_mask"] = (torch.arange(length).unsqueeze(0) >= (length - lengths).unsqueeze(1)).long()
+        for key, value in batch.items():
+            value = value.to(self.device)
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            batch[key] = value
+        return batch
+
+    def _prefill(self, jobs: list[_Job]) -> None:
+        import torch
+
+        rows: list[_Row] = []
+        for job in jobs:
+            sampling = job.request.sampling
+            for i in range(job.n):
+                seed = None if sampling.seed is None else sampling.seed + i
+                text = IncrementalText(self.encoder.decode, sampling.stop)
+                rows.append(
+                    _Row(job, i, text, RowSampler.make(sampling.temperature, sampling.top_p, seed), job.request.adapter)
+                )
+        inputs = self._collate(jobs)
+        mask = inputs["attention_mask"]
+        padding = mask.shape[1] - mask.sum(dim=1)
+        multimodal_positions = self._rope_owner is not None and any(
+            key in inputs for key in ("image_grid_thw", "video_grid_thw")
+        )
+        if multimodal_positions:
+            self._rope_owner.rope_deltas = None  # the model computes 3D positions and stores the deltas
+        else:
+            inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        per_job_rows = [row for row in rows if row.index == 0]
+        output = self._forward(per_job_rows, **inputs, **{self._cache_kwarg: cache}, use_cache=True)
+        logits = output.logits[:, -1, :]
+        offsets = -padding
+        if multimodal_positions:
+            offsets = offsets + self._rope_owner.rope_deltas.reshape(-1).to(offsets.device)
+        batch = RunningBatch(cache, mask, offsets)
+        expand = [j for j, job in enumerate(jobs) for _ in range(job.n)]
+        if len(expand) != len(jobs):
+            batch.cache.batch_select_indices(torch.tensor(expand, device=mask.device))
+            batch.attention_mask = batch.attention_mask[expand]
+            batch.offsets = batch.offsets[expand]
+            logits = logits[expand]
+        tokens = sample_next(logits, [row.sampler for row in rows])
+        keep = self._advance(rows, tokens)
+        if not keep:
+            return
+        if len(keep) != len(rows):
+            batch.select(keep)
+            rows = [rows[i] for i in keep]
+        if self._batch is None:
+            self._batch, self._rows = batch, rows
+            self._can_merge = batch.mergeable
+        else:
+            self._batch.merge(batch)
+            self._rows = self._rows + rows
+
+    def _decode_step(self) -> None:
+        import torch
+
+        batch = self._batch
+        last = torch.tensor([[row.token_ids[-1]] for row in self._rows], device=batch.attention_mask.device)
+        positions = batch.next_positions()
+        batch.grow()
+        output = self._forward(self._rows, input_ids=last, attention_mask=batch.attention_mask, position_ids=positions,
+                               use_cache=True, **{self._cache_kwarg: batch.cache})  # fmt: skip
+        tokens = sample_next(output.logits[:, -1, :], [row.sampler for row in self._rows])
+        keep = self._advance(self._rows, tokens)
+        if len(keep) != len(self._rows):
+            self._keep_rows(keep)
+
+    def _advance(self, rows: Sequence[_Row], tokens: Sequence[int]) -> list[int]:
+        """Append each row's new token, send its text; return the indices of rows still going."""
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            if row.job.cancelled:
+                continue
+            row.token_ids.append(token)
+            sampling = row.job.request.sampling
+            finish = None
+            if token in self.eos_ids and not sampling.ignore_eos:
+                finish = FINISH_STOP
+                delta = row.text.update(row.token_ids[:-1], final=True)
+            else:
+                at_limit = (
+                    len(row.token_ids) >= sampling.max_tokens
+                    or row.job.prompt_tokens + len(row.token_ids) >= self.max_model_len
+                )
+                delta = row.text.update(row.token_ids, final=at_limit)
+                if row.text.stopped:
+                    finish = FINISH_STOP
+                elif at_limit:
+                    finish = FINISH_LENGTH
+            row.job.sink(StreamEvent(row.index, delta, (token,), finish, row.job.prompt_tokens))
+            if finish is None:
+                keep.append(i)
+        return keep
+
+
+def _make_encoder(template: Any, processor: Any, max_length: int) -> Any:
+    from vistune.specs import load_ref
+    from vistune.templates import TemplateOptions
+
+    return load_ref(template.factory)(processor, TemplateOptions(max_length=max_length, truncation="error"))

@@ -1,0 +1,1 @@
+"""vLLM backend for vistune: an :class:`vistune.inference.Engine` over vLLM's ``AsyncLLM``."""

@@ -1,0 +1,16 @@
+"""vistune hooks of the vLLM plugin: one backend.  vllm itself is imported only when an engine is built."""
+
+from vistune import hookimpl
+from vistune.specs import Backend
+
+
+@hookimpl
+def vistune_register_backends(register):
+    register(
+        Backend(
+            "vllm",
+            factory="vistune_vllm.engine:VllmEngine",
+            requires=("vllm",),
+            description="vLLM (paged attention, continuous batching, tensor parallel, LoRA, quantized checkpoints)",
+        )
+    )

@@ -1,0 +1,81 @@
+"""vistune requests and config in vLLM's terms.  Pure functions: no vllm import, testable anywhere.
+
+Prompts reach vLLM as token ids from vistune's own template encoder, so a model is
+prompted exactly as it was trained; for vision prompts each image's run of image tokens
+is collapsed back to one placeholder (:func:`vistune.inference.prompts.collapse_image_tokens`)
+and vLLM's multimodal processor expands it again from the image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vistune.errors import ConfigError
+from vistune.inference.prompts import collapse_image_tokens, image_token_id
+
+__all__ = ["collapse_image_tokens", "engine_kwargs", "image_token_id", "quantization", "sampling_kwargs"]
+
+#: vistune quantization names -> vLLM's ``quantization`` argument.  Checkpoints quantized
+#: ahead of time load as saved; bitsandbytes NF4 is quantized by vLLM at load time.
+QUANTIZATION = {
+    "none": None,
+    "awq": "awq",
+    "gptq": "gptq",
+    "fp8": "fp8",
+    "nf4": "bitsandbytes",
+    "q4_k_m": "bitsandbytes",
+}
+
+
+def quantization(name: str) -> str | None:
+    """vLLM's ``quantization`` for a vistune ``quantization`` value.
+
+    :raises ConfigError: for schemes vLLM cannot load (bitsandbytes 8-bit, FP4).
+    """
+    if name not in QUANTIZATION:
+        raise ConfigError(f"quantization {name!r} is not supported by the vllm backend; supported: "
+                          f"{', '.join(k for k in QUANTIZATION if k != 'none')}",
+                          hint="use quantization: nf4, a prequantized awq/gptq/fp8 checkpoint, or backend: transformers")  # fmt: skip
+    return QUANTIZATION[name]
+
+
+def sampling_kwargs(sampling: Any, *, stream: bool) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for a :class:`vistune.inference.SamplingParams`.
+
+    Streams ask for deltas (``RequestOutputKind.DELTA``, given here as its name), blocking
+    calls for the final output only.
+    """
+    return {
+        "n": sampling.n,
+        "max_tokens": sampling.max_tokens,
+        "temperature": float(sampling.temperature),
+        "top_p": float(sampling.top_p),
+        "stop": list(sampling.stop) or None,
+        "seed": sampling.seed,
+        "ignore_eos": sampling.ignore_eos,
+        "skip_special_tokens": True,
+        "output_kind": "DELTA" if stream else "FINAL_ONLY",
+    }
+
+
+def engine_kwargs(model_path: str, config: Any, *, max_model_len: int | None, enable_lora: bool) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.AsyncEngineArgs`` from a run config."""
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "tokenizer": model_path,
+        "dtype": config.dtype,
+        "quantization": quantization(config.quantization),
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "trust_remote_code": config.trust_remote_code,
+        "seed": config.seed,
+        "max_num_seqs": max(config.max_batch_size, 1),
+        "enable_lora": enable_lora,
+        "disable_log_stats": True,
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if enable_lora:
+        kwargs["max_lora_rank"] = 64
+        kwargs["max_loras"] = 4
+    return kwargs

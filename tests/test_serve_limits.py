@@ -1,0 +1,159 @@
+"""Load on the server: the bounded queue (429), draining (503), graceful shutdown, and a load test.
+
+All traffic goes to servers on 127.0.0.1 started here; every loop is bounded in count
+and time.  The load test prints requests/s and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from vistune.config import RunConfig
+from vistune.inference.transformers_engine import TransformersEngine
+from vistune.serving.app import create_app
+from vistune.serving.server import ServerThread
+
+MODEL = "tiny"
+MESSAGES = [{"role": "user", "content": "Describe a red circle."}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    from vistune.plugins import get_plugin_manager
+
+    engine = TransformersEngine(str(tiny_llama), get_plugin_manager().registries.models.get("causal-lm"),
+                                RunConfig(task="serve", device="cpu", max_batch_size=8))  # fmt: skip
+    yield engine
+    engine.close()
+
+
+def start(engine, **config) -> ServerThread:
+    config = RunConfig(task="serve", device="cpu", **config)
+    return ServerThread(create_app(engine, config, model_name=MODEL, owns_engine=False)).start()
+
+
+def body(max_tokens: int, stream: bool = False) -> dict:
+    return {"model": MODEL, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+            "ignore_eos": True}  # fmt: skip
+
+
+async def _ask(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[int, float, dict]:
+    started = time.perf_counter()
+    response = await client.post(url + "/v1/chat/completions", json=body(max_tokens), timeout=120)
+    return response.status_code, time.perf_counter() - started, response.json()
+
+
+def test_full_queue_answers_429_and_every_request_is_answered(engine):
+    server = start(engine, max_batch_size=1, max_queue=1)  # two requests in flight at most
+    try:
+
+        async def burst():
+            async with httpx.AsyncClient() as client:
+                return await asyncio.gather(*[_ask(client, server.url, 200) for _ in range(8)])
+
+        answers = asyncio.run(asyncio.wait_for(burst(), timeout=120))
+    finally:
+        server.stop()
+    statuses = sorted(status for status, _, _ in answers)
+    assert set(statuses) == {200, 429}, statuses
+    assert 1 <= statuses.count(200) <= 7
+    for status, _, payload in answers:
+        if status == 429:
+            assert payload["error"]["type"] == "rate_limit_error" and payload["error"]["code"] == "queue_full"
+        else:
+            assert payload["usage"]["completion_tokens"] >= 1
+
+
+def test_draining_server_answers_503(engine):
+    server = start(engine)
+    try:
+        server.server.config.app.state.admission.start_draining()
+        response = httpx.post(server.url + "/v1/chat/completions", json=body(4), timeout=30)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(server.url + "/health").status_code == 503
+    finally:
+        server.stop()
+
+
+def test_graceful_shutdown_finishes_the_stream_in_flight(engine):
+    server = start(engine)
+    lines: list[str] = []
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", server.url + "/v1/chat/completions", json=body(150, stream=True)) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:
+                    server.begin_shutdown()  # as SIGTERM does
+    server.stop()
+    assert lines[-1] == "data: [DONE]"
+    # the stream ran to its full length after the shutdown began, it was not cut
+    assert json.loads(lines[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
+    assert not server._thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=5)
+
+
+def test_load_32_clients_every_request_answered(engine):
+    """32 concurrent clients x 4 requests on loopback: none lost, each answered 200 or cleanly refused 429."""
+    server = start(engine, max_batch_size=8, max_queue=64)
+    clients, per_client, max_tokens = 32, 4, 8
+    try:
+
+        async def client_loop(client):
+            return [await _ask(client, server.url, max_tokens) for _ in range(per_client)]
+
+        async def run():
+            limits = httpx.Limits(max_connections=clients)
+            async with httpx.AsyncClient(limits=limits) as client:
+                started = time.perf_counter()
+                results = await asyncio.gather(*[client_loop(client) for _ in range(clients)])
+                return [r for rs in results for r in rs], time.perf_counter() - started
+
+        answers, elapsed = asyncio.run(asyncio.wait_for(run(), timeout=300))
+    finally:
+        server.stop()
+    assert len(answers) == clients * per_client
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 429}, statuses
+    ok = [(latency, payload) for status, latency, payload in answers if status == 200]
+    assert ok, "no request was served"
+    assert all(payload["usage"]["completion_tokens"] == max_tokens for _, payload in ok)
+    latencies = sorted(latency for latency, _ in ok)
+    p50 = statistics.median(latencies)
+    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    print(f"\nload test: {clients} clients x {per_client} requests, {max_tokens} tokens each, tiny llama on CPU: "
+          f"{len(ok)} served, {statuses.count(429)} refused (429), {len(answers) / elapsed:.1f} requests/s, "
+          f"latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, {elapsed:.1f} s")  # fmt: skip
+
+
+def test_engine_failure_mid_stream_is_reported_in_the_stream(engine):
+    doomed = TransformersEngine.from_model(engine.model, engine.processor, engine.encoder)
+    server = start(doomed)
+    lines: list[str] = []
+    try:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body(400, stream=True), timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:
+                    doomed.close()  # the engine goes away while the answer streams
+    finally:
+        server.stop()
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: ") :])["error"]
+    assert error["type"] == "service_unavailable" and "closed" in error["message"]
