@@ -243,7 +243,7 @@ def test_plugin_problems_are_shown_in_the_plan(pm, tmp_path, register_plugin):
         def vistune_register_rewards(self, register):
             raise RuntimeError("plugin bug")
 
-    register_plugin(Broken(), name="plan-broken")
+    register_plugin(Broken(), name="plan-broken", allow_errors=True)
     plan = plan_for(pm, tmp_path, "model: nowhere\n", "serve")
     assert any("plugin 'plan-broken'" in note and "plugin bug" in note for note in plan.notes)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import vistune.config
 import vistune.plugins
 import vistune.testing
 from vistune import hookspecs, specs
@@ -145,3 +146,28 @@ def test_quickstart_plugin_installs_loads_and_scores(tmp_path):
                             env=_env(site, VISTUNE_STRICT_PLUGINS="1"))  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+# -- README.md --------------------------------------------------------------------------
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_quickstart_is_exactly_the_two_make_commands():
+    quickstart = re.search(r"^## Quickstart\n(.*?)^## ", README, re.MULTILINE | re.DOTALL).group(1)
+    assert code_blocks(quickstart, "console") == ["make demo\nmake test\n"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m vistune demo" in makefile and "-m pytest" in makefile
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(attrs.fields_dict(vistune.config.RunConfig)))
+def test_readme_documents_config_key(name):
+    from vistune.config import FIELDS, default_value
+
+    row = re.search(rf"^\| `{name}` \| (.*?) \|", README, re.MULTILINE)
+    assert row, f"README.md's configuration reference has no row for {name}"
+    default = default_value(name)
+    shown = "–" if default is None else f"`{default!r}`" if isinstance(default, (list, dict)) else f"`{default}`"
+    assert row.group(1) == shown, f"README.md gives {name} the default {row.group(1)}, the code {shown}"
+    assert FIELDS[name].metadata["help"].replace("|", "\\|") in README

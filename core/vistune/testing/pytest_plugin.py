@@ -27,13 +27,20 @@ def plugin_manager():
 
 @pytest.fixture
 def register_plugin(plugin_manager):
-    """``register_plugin(obj, name=None) -> PluginInfo``; unregistered after the test."""
+    """``register_plugin(obj, name=None, allow_errors=False) -> PluginInfo``; unregistered after the test.
+
+    A plugin with problems (a misspelled hook, an invalid spec, a hook that raises) fails the
+    test with vistune's message, unless ``allow_errors=True`` (tests of the error reporting).
+    """
     names = []
 
-    def register(plugin, name: str | None = None):
+    def register(plugin, name: str | None = None, allow_errors: bool = False):
         name = name or f"test-plugin-{next(_counter)}"
         names.append(name)
-        return plugin_manager.add_plugin(plugin, name=name, distribution="(test)")
+        info = plugin_manager.add_plugin(plugin, name=name, distribution="(test)")
+        if info.errors and not allow_errors:
+            pytest.fail("\n".join(info.errors), pytrace=False)
+        return info
 
     yield register
     for name in names:
