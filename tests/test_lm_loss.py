@@ -66,3 +66,21 @@ def test_repeated_blocks_are_the_decoder_and_vision_layers(tiny_llava):
     names = sorted(type(m).__name__ for m in repeated_blocks(model))
     assert names.count("LlamaDecoderLayer") == 2
     assert names.count("CLIPEncoderLayer") == 2
+
+
+@pytest.mark.parametrize("num_items", [None, 25])
+def test_trainer_loss_matches_the_transformers_trainer(num_items, tiny_llava, tmp_path):
+    from transformers import Trainer
+    from vistune.config import RunConfig
+    from vistune.training.arguments import training_arguments
+    from vistune.training.trainer import VistuneTrainer
+
+    model = _load(tiny_llava, "llava")
+    config = RunConfig(task="sft", output_dir=str(tmp_path), report_to=[])
+    trainer = VistuneTrainer(model=model, args=training_arguments(config, "cpu", has_eval=False), vistune_config=config)
+    batch = _batch(model, "llava")
+    count = None if num_items is None else torch.tensor(num_items)
+    want = Trainer.compute_loss(trainer, model, batch, num_items_in_batch=count)
+    got, outputs = trainer.compute_loss(model, batch, return_outputs=True, num_items_in_batch=count)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert outputs.logits.shape[1] < batch["input_ids"].shape[1]  # the lean path was taken

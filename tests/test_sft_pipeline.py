@@ -171,7 +171,8 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_llava, shape
 
     config = _config(tmp_path / "b.yaml", **{**values, "output_dir": str(crashed)})
     script = textwrap.dedent(KILLER).format(kill_at=6, config=str(config))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # the same thread count as this process: CPU reductions split by thread count round differently
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
     )

@@ -74,6 +74,10 @@ def build_trainer(plan: Plan):
     else:
         collator = Collator(pad_token_id(processor))
     model = loading.apply_adapter(plan, model)
+    if config.torch_compile:
+        from vistune.training.compile import compile_blocks
+
+        compile_blocks(model)
     device = plan.launch.device if plan.launch else ("cuda" if _cuda() else "cpu")
     args = training_arguments(config, device, has_eval=eval_dataset is not None, **adapter_trainer_overrides(plan))
     trainer = VistuneTrainer(

@@ -67,6 +67,7 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides:
         save_total_limit=None,  # vistune rotates complete checkpoints itself
         eval_strategy="steps" if has_eval else "no",
         eval_steps=config.save_steps if has_eval else None,
+        prediction_loss_only=True,  # evaluation reports the held-out loss; gathering logits would only cost memory
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,

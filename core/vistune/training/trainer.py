@@ -1,4 +1,4 @@
-"""vistune's ``transformers.Trainer``: atomic checkpoints and per-part learning rates.
+"""vistune's ``transformers.Trainer``: atomic checkpoints, per-part learning rates, a leaner loss.
 
 Everything else (the loop, mixed precision, DDP/FSDP through accelerate, gradient
 accumulation, the checkpoint content: weights, optimizer, scheduler, RNG states,
@@ -15,6 +15,7 @@ from typing import Any
 from transformers import Trainer
 
 from vistune.training import checkpoints
+from vistune.training.lm_loss import accepts_logits_to_keep, causal_lm_loss
 from vistune.training.param_groups import param_groups, part_learning_rates
 
 
@@ -47,6 +48,33 @@ class VistuneTrainer(Trainer):
         optimizer_kwargs.pop("lr", None)  # each group carries its own
         self.optimizer = optimizer_cls(groups, lr=rates["language_model"], **optimizer_kwargs)
         return self.optimizer
+
+    # -- loss ------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The causal LM loss from the labelled positions' logits only (:mod:`vistune.training.lm_loss`).
+
+        Same value as the model's own loss; the Trainer's path stays in charge where it
+        computes something else: label smoothing, a custom loss function, Liger's fused
+        cross-entropy (which never builds the logits at all), or a model without
+        ``logits_to_keep``.
+        """
+        if (
+            "labels" not in inputs
+            or self.label_smoother is not None
+            or self.compute_loss_func is not None
+            or self.args.use_liger_kernel
+            or not accepts_logits_to_keep(model)
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # the Trainer hands the model its window-wide target count only when the model takes it
+        count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, outputs = causal_lm_loss(model, inputs, count)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and count is not None:
+            # as the Trainer does: the count is summed over processes, gradients are averaged over them
+            get_tp_size = getattr(self, "get_tp_size", lambda: 1)
+            loss = loss * (self.accelerator.num_processes // get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     # -- checkpoints -----------------------------------------------------------------
 
