@@ -229,6 +229,14 @@ def test_packing_needs_a_model_type_that_supports_it(pm, tmp_path, register_plug
     assert "cannot isolate packed samples" in problems_by_field(plan)["packing"][0]
 
 
+def test_galore_refuses_per_part_learning_rates(pm, tmp_path):
+    text = "model: nowhere\ndataset: shapes-captions\nadapter: galore\nprojector_lr: 0.001\nvision_tower_lr: 0.0001\n"
+    plan = plan_for(pm, tmp_path, text, "sft", "--learning_rate", "0.0001")
+    problems = problems_by_field(plan)
+    assert "adapter galore trains with one learning rate, so projector_lr cannot differ" in problems["projector_lr"][0]
+    assert "vision_tower_lr" not in problems  # equal to learning_rate: nothing to refuse
+
+
 def test_export_needs_an_adapter_and_unused_keys_are_noted(pm, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')

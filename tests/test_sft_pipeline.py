@@ -68,6 +68,7 @@ def test_lora_run_writes_a_loadable_adapter_metrics_and_fires_hooks(tiny_llava, 
     config = _config(tmp_path / "run.yaml", **_base(tiny_llava, shapes, out, adapter="lora", lora_dropout=0.0,
                      max_steps=4, save_steps=2, learning_rate=1e-2, projector_lr=1e-3))  # fmt: skip
     assert main(["sft", "--config", str(config)]) == 0
+    assert "training data: 32 samples; 0 dropped (longer than max_length), 0 bad records skipped" in capsys.readouterr().out
 
     assert seen["trainers"] == ["VistuneTrainer"]
     assert seen["saved"] == [("checkpoint-2", 2, True), ("checkpoint-4", 4, True), ("out", 4, False)]

@@ -290,6 +290,12 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
             if plan.adapter.name in ("lora", "dora", "qlora"):
                 targets = ", ".join(config.lora_target_modules)
                 plan.lines.append(("lora", f"r={config.lora_rank} alpha={config.lora_alpha} on [{targets}] in {config.lora_scope}"))
+            if plan.adapter.name == "galore":
+                for field in ("vision_tower_lr", "projector_lr"):
+                    if getattr(config, field) not in (None, config.learning_rate):
+                        # transformers builds GaLore's optimizer from its own parameter groups
+                        plan.problem(field, f"adapter galore trains with one learning rate, so {field} cannot differ",
+                                     hint=f"remove {field}, or use adapter: full for per-part learning rates")  # fmt: skip
         if config.packing and plan.model_type and not plan.model_type.supports_packing:
             plan.problem("packing", f"model type {plan.model_type.name} cannot isolate packed samples from each other",
                          hint="set packing: false for this model type")  # fmt: skip

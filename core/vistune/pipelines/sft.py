@@ -39,6 +39,8 @@ def run(plan: Plan) -> None:
     if resume_from is not None:
         print(f"vistune: resuming from {resume_from}", flush=True)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if launch.is_main_process():
+        print(f"vistune: training data: {trainer.encoded_train_dataset.summary()}", flush=True)
     save_final(trainer, processor, plan)
 
 
@@ -61,7 +63,7 @@ def build_trainer(plan: Plan):
     set_seed(config.seed)  # adapter weights are initialised before the Trainer seeds
     model, processor = loading.load_model(plan, for_training=True)
     encoder = loading.make_encoder(plan, processor)
-    train_dataset = encoded_dataset(plan, plan.dataset, encoder)
+    train_dataset = encoded_train = encoded_dataset(plan, plan.dataset, encoder)
     eval_dataset = encoded_dataset(plan, plan.eval_dataset, encoder) if plan.eval_dataset else None
     if config.cache_encoded and not config.packing:
         train_dataset = MemoryCachedDataset(train_dataset)
@@ -90,6 +92,7 @@ def build_trainer(plan: Plan):
         vistune_config=config,
         model_type=plan.model_type,
     )
+    trainer.encoded_train_dataset = encoded_train  # its dropped/skipped counts end the run's log
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(MetricsCallback(config.output_dir, config.report_to))
