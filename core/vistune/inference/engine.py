@@ -235,17 +235,3 @@ def check_context(prompt_tokens: int, sampling: SamplingParams, max_model_len: i
         )
 
 
-__all__ = [
-    "FINISH_LENGTH",
-    "FINISH_STOP",
-    "CompletionOutput",
-    "Engine",
-    "EngineClosedError",
-    "GenerationRequest",
-    "GenerationResult",
-    "RequestError",
-    "SamplingParams",
-    "StreamEvent",
-    "check_context",
-    "collect",
-]

@@ -35,16 +35,6 @@ from vistune import specs
 from vistune.errors import VistuneError
 from vistune.templates import IGNORE_INDEX, IMAGE_TAG, Sample, TemplateOptions
 
-__all__ = [
-    "ContractError",
-    "check_adapter",
-    "check_algorithm",
-    "check_backend",
-    "check_dataset",
-    "check_model_type",
-    "check_reward",
-    "check_template",
-]
 
 
 class ContractError(AssertionError):
