@@ -43,6 +43,16 @@ def test_unknown_key_suggests_the_closest_and_names_file_and_line(tmp_path):
     assert "did you mean lora_target_modules?" in message
 
 
+def test_every_bad_key_is_reported_at_once(tmp_path):
+    path = write(tmp_path, "model: m\nlora_target_module: [q_proj]\nlearning_rate: fast\nlora_rank: 8\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, task="sft")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "2 problems in the config:"
+    assert lines[1].startswith(f"  - {path}:2: unknown key 'lora_target_module'")
+    assert lines[2] == f"  - {path}:3: learning_rate must be a number, got 'fast' (str)"
+
+
 def test_unknown_flag_suggests_the_closest_key():
     with pytest.raises(ConfigError, match=r"command line --learning_rat: unknown key .*did you mean learning_rate\?"):
         load_config(None, ["--learning_rat", "1e-4"], task="sft")

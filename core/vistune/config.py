@@ -419,13 +419,22 @@ def build_config(
     sources = dict(sources or {})
     converted: dict[str, Any] = {}
     field_sources: dict[str, Source] = {}
+    problems: list[ConfigError] = []  # every bad key at once, not one per attempt
     for key, value in values.items():
         where = str(sources.get(key, Source(file=path)))
         name = KEY_ALIASES.get(key, key)
-        if name not in FIELDS:
-            raise unknown_key_error(key, where)
-        converted[name] = _convert(name, value, where)
+        try:
+            if name not in FIELDS:
+                raise unknown_key_error(key, where)
+            converted[name] = _convert(name, value, where)
+        except ConfigError as exc:
+            problems.append(exc)
         field_sources[name] = sources.get(key, Source(file=path))
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        listed = "\n".join(f"  - {str(problem).replace(chr(10), chr(10) + '    ')}" for problem in problems)
+        raise ConfigError(f"{len(problems)} problems in the config:\n{listed}")
     config = RunConfig(**converted)
     loaded = LoadedConfig(config, field_sources, path)
     _check_ranges(config, loaded)
