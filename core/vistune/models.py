@@ -6,6 +6,7 @@ load, and does so without importing torch so that ``--dry-run`` stays fast.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,9 @@ from vistune.specs import ModelAlias, ModelType
 
 #: Written next to every model vistune saves; records how it was trained.
 RUN_FILE = "vistune_run.json"
+
+#: How to add a model type vistune does not know, for error hints.
+REGISTER_HINT = "register a new one with a plugin (PLUGINS.md, vistune_register_models)"
 
 
 @attrs.frozen
@@ -92,11 +96,24 @@ def detect_model_type(directory: Path, models: Registry[ModelType], explicit: st
 
     Order: the explicit ``model_type``; the type recorded in vistune's run file next
     to the checkpoint; ``config.json``'s ``architectures``, then its ``model_type``.
+
+    :raises RegistryError: for a type that is not registered (named explicitly, or in the
+        run file: a run file is never silently overruled by config.json), or a
+        config.json that matches no type or several; the error lists the candidates.
     """
     if explicit:
+        if explicit not in models:
+            raise _unknown_type(f"model_type {explicit!r} is not registered", explicit, models)
         return models.get(explicit), "model_type in the config"
     run = read_run_file(directory)
-    if run and run.get("model_type") in models:
+    if run and run.get("model_type"):
+        if run["model_type"] not in models:
+            raise _unknown_type(
+                f"{directory / RUN_FILE} records model_type {run['model_type']!r}, which no loaded plugin registers",
+                run["model_type"],
+                models,
+                fix="install the plugin that registers it (`vistune plugins` shows what is loaded), or set model_type",
+            )
         return models.get(run["model_type"]), f"{RUN_FILE} next to the checkpoint"
     hf_config = read_hf_config(directory)
     architectures = hf_config.get("architectures") or []
@@ -111,11 +128,18 @@ def detect_model_type(directory: Path, models: Registry[ModelType], explicit: st
             names = ", ".join(m.name for m in matches)
             raise RegistryError(
                 f"{directory}: {how} matches several model types ({names})",
-                hint="set model_type to one of them",
+                hint=f"set model_type to one of them, or {REGISTER_HINT}",
             )
     raise RegistryError(
         f"{directory}: no registered model type matches config.json (architectures {architectures}, "
         f"model_type {hf_config.get('model_type')!r}); registered: {', '.join(models.names()) or 'none'}",
-        hint="set model_type to one of the registered types, or register a new one with a plugin "
-        "(PLUGINS.md, vistune_register_models)",
+        hint=f"set model_type to one of the registered types, or {REGISTER_HINT}",
     )
+
+
+def _unknown_type(message: str, name: str, models: Registry[ModelType], fix: str = "set model_type") -> RegistryError:
+    close = difflib.get_close_matches(name, models.names(), n=3, cutoff=0.6)
+    if close:
+        message += f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    message += f"; registered: {', '.join(models.names()) or 'none'}"
+    return RegistryError(message, hint=f"{fix} to one of the registered types, or {REGISTER_HINT}")

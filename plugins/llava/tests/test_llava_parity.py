@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -267,6 +270,40 @@ def test_encode_prompt_equals_hf_generation_prompt(kind, encoder, reference_proc
     assert full[: len(ours["input_ids"])] == ours["input_ids"]
     ending = {"llava": "ASSISTANT:", "llava-next": "[/INST]"}[kind]
     assert reference_processor.tokenizer.decode(ours["input_ids"]).endswith(ending)
+
+
+def _llava_with_full_features(tiny_llava, directory, *, old_processor_config: bool):
+    """The tiny Llava with ``vision_feature_select_strategy: full`` (the CLS feature is kept).
+
+    ``old_processor_config``: its processor_config.json lacks the fields that count image
+    tokens, as in checkpoints converted before processors expanded ``<image>``.
+    """
+    shutil.copytree(tiny_llava, directory)
+    for name in ("config.json", "processor_config.json"):
+        config = json.loads((directory / name).read_text())
+        config["vision_feature_select_strategy"] = "full"
+        if name == "processor_config.json" and old_processor_config:
+            for field in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"):
+                del config[field]
+        (directory / name).write_text(json.dumps(config))
+    return directory
+
+
+def test_image_tokens_follow_the_feature_select_strategy(tiny_llava, tmp_path):
+    """``full`` keeps the CLS feature: one image token more per image than ``default``, as the model's features need."""
+    full = _llava_with_full_features(tiny_llava, tmp_path / "full", old_processor_config=False)
+    old = _llava_with_full_features(tiny_llava, tmp_path / "old", old_processor_config=True)
+    sample, conversation = CASES["multi-image"]
+    reference_processor = transformers.AutoProcessor.from_pretrained(str(full))
+    reference = hf_encoding(reference_processor, with_eos("llava", reference_processor, conversation))
+    for directory in (full, old):
+        model, processor = load_llava_model("llava", str(directory), LoadOptions(device="cpu", dtype="float32"))
+        ours = llava_1_5_encoder(processor).encode(sample)
+        assert ours["input_ids"] == reference["input_ids"][0].tolist()
+        # (32 / 8)^2 patches + the CLS feature, for each of the three images (each cropped to 32x32).
+        assert ours["input_ids"].count(processor.image_token_id) == (16 + 1) * 3
+        with torch.no_grad():  # the model checks that image tokens and image features agree in number
+            assert torch.isfinite(model(**Collator(processor.tokenizer.pad_token_id)([ours])).loss)
 
 
 def test_checkpoint_template_matches_the_named_one(kind, loaded):

@@ -132,8 +132,21 @@ def test_quantized_load_keeps_vision_projector_and_head_in_full_precision(tiny_l
         loading.load_llava(str(tiny_llava), LoadOptions(dtype="bfloat16", quantization=get_scheme("nf4")))
     config = seen["quantization_config"]
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
-    assert set(config.llm_int8_skip_modules) == {"vision_tower", "multi_modal_projector", "lm_head"}
     assert seen["dtype"] == torch.bfloat16 and seen["device_map"] == {"": 0}
+    # What transformers' own bitsandbytes quantizer does with that config, on the model's real module names.
+    pytest.importorskip("bitsandbytes")
+    from transformers.quantizers import AutoHfQuantizer
+
+    with torch.device("meta"):
+        model = transformers.LlavaForConditionalGeneration(transformers.AutoConfig.from_pretrained(str(tiny_llava)))
+    AutoHfQuantizer.from_config(config).preprocess_model(model, dtype=torch.bfloat16, device_map=seen["device_map"])
+    layers = {name: type(module).__name__ for name, module in model.named_modules()}
+    linear = {name: layer for name, layer in layers.items() if "Linear" in layer}
+    full = {name for name, layer in linear.items() if layer == "Linear"}
+    kept = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+    assert full == {name for name in linear if name.startswith(kept)}
+    assert any(name.startswith("model.vision_tower.") for name in full)
+    assert {linear[name] for name in linear if name not in full} == {"Linear4bit"}  # the language model
 
 
 def test_old_processor_configs_are_completed_from_the_model(tiny_llava):

@@ -295,6 +295,40 @@ def test_training_load_turns_the_cache_off_and_feeds_grads_to_the_inputs(kind, t
     assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
 
 
+def test_quantized_load_keeps_the_vision_encoder_and_head_in_full_precision(kind, tiny, monkeypatch):
+    """The config the loader hands from_pretrained on a CUDA machine, applied by transformers' own quantizer."""
+    pytest.importorskip("bitsandbytes")
+    import vistune.causal_lm
+    from transformers.quantizers import AutoHfQuantizer
+    from vistune.quantization import get_scheme
+
+    monkeypatch.setattr(vistune.causal_lm, "resolve_device", lambda device: "cuda")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    model_class = getattr(transformers, CLASSES[kind])
+    monkeypatch.setattr(model_class, "from_pretrained", from_pretrained)
+    with pytest.raises(Stop):
+        load_qwen_vl(kind, str(tiny), LoadOptions(dtype="bfloat16", quantization=get_scheme("nf4")))
+    with torch.device("meta"):
+        model = model_class(transformers.AutoConfig.from_pretrained(str(tiny)))
+    quantizer = AutoHfQuantizer.from_config(seen["quantization_config"])
+    quantizer.preprocess_model(model, dtype=torch.bfloat16, device_map=seen["device_map"])
+    layers = {name: type(module).__name__ for name, module in model.named_modules()}
+    linear = {name: layer for name, layer in layers.items() if "Linear" in layer}
+    full = {name for name, layer in linear.items() if layer == "Linear"}
+    kept = ("model.visual.", "lm_head")
+    assert full == {name for name in linear if name.startswith(kept)}
+    assert any(name.startswith("model.visual.merger.") for name in full)
+    assert {linear[name] for name in linear if name not in full} == {"Linear4bit"}  # the language model
+
+
 def test_aliases_name_the_hub_checkpoints(plugin_manager):
     aliases = plugin_manager.registries.checkpoints
     assert aliases.get("qwen2-vl-2b-instruct").hf_repo_id == "Qwen/Qwen2-VL-2B-Instruct"

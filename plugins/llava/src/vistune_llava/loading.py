@@ -7,12 +7,16 @@ from typing import Any
 
 from vistune.models import LoadOptions
 
+from vistune_llava.plugin import PROJECTOR, VISION_TOWER
+
 MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava-next": "LlavaNextForConditionalGeneration"}
 
-#: Never quantized by bitsandbytes (module names contain one of these): the vision
-#: tower, the projector and the output layer.  Quantizing them saves little memory and
-#: costs accuracy; the projector is usually trained.
-KEEP_FULL_PRECISION = ("vision_tower", "multi_modal_projector", "lm_head")
+#: Never quantized by bitsandbytes: the vision tower, the projector and the output layer.
+#: Quantizing them saves little memory and costs accuracy; the projector is usually
+#: trained.  transformers matches these from the start of a module's full name (or as
+#: its last part), so the towers are named by their full prefixes: a bare
+#: "vision_tower" would match nothing under ``model.``.
+KEEP_FULL_PRECISION = (*VISION_TOWER, *PROJECTOR, "lm_head")
 
 #: Vision towers with a class token in front of the patch features.
 _TOWERS_WITH_CLS = ("clip_vision_model",)

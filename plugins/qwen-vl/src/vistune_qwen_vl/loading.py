@@ -9,7 +9,9 @@ from vistune.models import LoadOptions
 MODEL_CLASSES = {"qwen2-vl": "Qwen2VLForConditionalGeneration", "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
 
 #: Never quantized by bitsandbytes: the vision encoder with its merger, and the output layer.
-KEEP_FULL_PRECISION = ("visual", "lm_head")
+#: transformers matches these from the start of a module's full name (or as its last
+#: part): the encoder is ``model.visual`` in transformers 5, which a bare "visual" misses.
+KEEP_FULL_PRECISION = ("model.visual", "lm_head")
 
 
 def load_qwen_vl(kind: str, path: str, options: LoadOptions | None = None) -> tuple[Any, Any]:
