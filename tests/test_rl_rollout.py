@@ -58,7 +58,9 @@ def _alone(model, group, i):
 CASES = {
     "llama": ("causal-lm", False),
     "llava": ("llava", True),
+    "llava_next": ("llava-next", True),
     "qwen2_vl": ("qwen2-vl", True),
+    "qwen2_5_vl": ("qwen2.5-vl", True),
 }
 
 
@@ -101,3 +103,26 @@ def test_sampled_image_placeholder_is_scored_but_not_fed(plugin_manager, tiny_ll
     with torch.no_grad():
         logps = completion_logps(model, inputs)  # would raise "image features and image tokens do not match"
     assert torch.isfinite(logps[0, :3]).all()
+
+
+def test_rollout_engines_come_from_the_backend():
+    from vistune.errors import ConfigError
+    from vistune.inference.transformers_engine import TransformersEngine
+    from vistune.rl.rollout import engine_factory, make_engine
+    from vistune.specs import Backend
+
+    assert engine_factory(None) == TransformersEngine.from_model
+
+    class Rollouts:
+        @classmethod
+        def from_model(cls, model, processor, encoder, *, max_batch_size, config):
+            return (model, processor, encoder, max_batch_size, config)
+
+    class ServingOnly:
+        pass
+
+    backend = Backend("with-rollouts", factory=Rollouts)
+    assert make_engine(backend, "m", "p", "e", 12, config="c") == ("m", "p", "e", 12, "c")
+    with pytest.raises(ConfigError, match="'serving-only' cannot sample RL rollouts") as info:
+        engine_factory(Backend("serving-only", factory=ServingOnly))
+    assert "backend: transformers" in info.value.hint

@@ -98,12 +98,13 @@ def policy_dirs(plan: Plan) -> tuple[Path, Path | None]:
     return plan.model_dir, None
 
 
-def load_policy(plan: Plan) -> tuple[Any, Any, Path, str | None, Any]:
+def load_policy(plan: Plan, needs_reference: bool | None = None) -> tuple[Any, Any, Path, str | None, Any]:
     """The trainable policy and what a KL term compares it with.
 
-    Returns ``(model, processor, base_dir, ref_adapter, ref_model)``: ``ref_adapter``
-    names a frozen adapter holding the reference, ``ref_model`` is a separate frozen
-    model; both None means "the policy with its adapter disabled".
+    ``needs_reference`` is the algorithm's :meth:`~vistune.rl.algorithm.RLAlgorithm.needs_reference_model`
+    (default: ``beta > 0``).  Returns ``(model, processor, base_dir, ref_adapter, ref_model)``:
+    ``ref_adapter`` names a frozen adapter holding the reference, ``ref_model`` is a separate
+    frozen model; both None means "the policy with its adapter disabled".
     """
     from vistune import loading
     from vistune.plugins import get_plugin_manager
@@ -111,7 +112,8 @@ def load_policy(plan: Plan) -> tuple[Any, Any, Path, str | None, Any]:
     base_dir, adapter_dir = policy_dirs(plan)
     base_plan = attrs.evolve(plan, model_dir=base_dir)
     model, processor = loading.load_model(base_plan, for_training=True)
-    needs_reference = plan.config.beta > 0
+    if needs_reference is None:
+        needs_reference = plan.config.beta > 0
     ref_adapter = ref_model = None
     if adapter_dir is not None and plan.adapter.name in PEFT_ADAPTERS:
         from peft import PeftModel
@@ -162,7 +164,7 @@ def build_trainer(plan: Plan):
     set_seed(config.seed)
     algorithm = load_ref(plan.algorithm.factory)(config)
     scorer = RewardScorer(load_rewards(plan.rewards, pm), config.reward_error_policy)
-    model, processor, base_dir, ref_adapter, ref_model = load_policy(plan)
+    model, processor, base_dir, ref_adapter, ref_model = load_policy(plan, algorithm.needs_reference_model())
     encoder = loading.make_encoder(plan, processor)
     records = read_dataset(plan.dataset, on_bad_record=config.on_bad_record,
                            allow_remote_images=config.allow_remote_images, max_samples=config.max_samples)  # fmt: skip

@@ -3,10 +3,11 @@
 Completions are sampled through the inference :class:`vistune.inference.Engine`
 interface.  The ``transformers`` backend is an engine over the policy itself
 (``TransformersEngine.from_model``), so it always samples from the current weights.
-Another backend can serve rollouts when its engine class offers the same
-``from_model(model, processor, encoder, *, max_batch_size)`` constructor; if that
-engine keeps its own copy of the weights it must also offer ``update_weights(model)``,
-which the trainer calls before every rollout.
+Another backend can serve rollouts when its engine class offers a
+``from_model(model, processor, encoder, *, max_batch_size, config)`` constructor (``config``
+is the run's :class:`vistune.config.RunConfig`); if that engine keeps its own copy of the
+weights it must also offer ``update_weights(model)``, which the trainer calls before every
+rollout but the first (``from_model`` starts in step with the policy).
 
 Log-probabilities are computed by one forward pass of the model over
 ``[left-padded prompt | right-padded completion]`` rows, with the same position ids
@@ -95,7 +96,7 @@ class Group:
 
 
 def engine_factory(backend: Any) -> Any:
-    """``from_model(model, processor, encoder, *, max_batch_size)`` of the backend's engine class.
+    """``from_model(model, processor, encoder, *, max_batch_size[, config])`` of the backend's engine class.
 
     :raises ConfigError: when the backend cannot sample from an in-memory policy.
     """
@@ -109,15 +110,20 @@ def engine_factory(backend: Any) -> Any:
     if not callable(from_model):
         raise ConfigError(
             f"backend {backend.name!r} cannot sample RL rollouts from the policy being trained: its engine has no "
-            "from_model(model, processor, encoder, *, max_batch_size) constructor",
+            "from_model(model, processor, encoder, *, max_batch_size, config) constructor",
             hint="set backend: transformers for rl",
         )
     return from_model
 
 
-def make_engine(backend: Any, model: Any, processor: Any, encoder: Any, max_batch_size: int) -> Any:
+def make_engine(
+    backend: Any, model: Any, processor: Any, encoder: Any, max_batch_size: int, config: Any = None
+) -> Any:
     """An engine sampling from ``model`` for the plan's backend spec (see the module docstring)."""
-    return engine_factory(backend)(model, processor, encoder, max_batch_size=max_batch_size)
+    from_model = engine_factory(backend)
+    if backend is None or backend.name == "transformers":
+        return from_model(model, processor, encoder, max_batch_size=max_batch_size)
+    return from_model(model, processor, encoder, max_batch_size=max_batch_size, config=config)
 
 
 def generate_groups(

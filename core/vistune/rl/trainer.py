@@ -265,7 +265,8 @@ class RLTrainer(VistuneTrainer):
 
         if self._engine is None:
             self._engine = make_engine(self.backend, model, self.processing_class, self.encoder,
-                                       max_batch_size=max(len(prompts) * self.num_generations, 1))  # fmt: skip
+                                       max_batch_size=max(len(prompts) * self.num_generations, 1),
+                                       config=self.vistune_config)  # fmt: skip
         elif callable(getattr(self._engine, "update_weights", None)):
             self._engine.update_weights(model)
         self._rollouts += 1

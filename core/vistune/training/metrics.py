@@ -142,6 +142,8 @@ class MetricsCallback(TrainerCallback):
             postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record.get('lr', 0):.2e}"}
             if record.get("tokens_per_s") is not None:
                 postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+            if isinstance(record.get("reward"), (int, float)):  # RL: the mean reward of the step's rollouts
+                postfix["reward"] = f"{record['reward']:.3f}"
             self._bar.set_postfix(postfix, refresh=False)
 
     def on_evaluate(self, args, state, control, **kwargs):

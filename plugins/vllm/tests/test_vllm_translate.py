@@ -60,3 +60,49 @@ def test_expanded_image_tokens_collapse_to_the_processors_placeholders(tiny_llav
                                          add_generation_prompt=True)  # fmt: skip
     assert collapsed == processor.tokenizer(text)["input_ids"]
     assert collapse_image_tokens([1, 2, 3], None) == [1, 2, 3]
+
+
+# -- RL: what the policy hands vLLM (weights only; vLLM itself is in test_vllm_rl.py) -------------
+
+
+def _policy(tiny_llama, **lora):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    if not lora:
+        return model
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **lora)
+    return get_peft_model(model, config)
+
+
+def test_which_policies_sync_as_a_vllm_lora_adapter(tiny_llama):
+    from vistune_vllm.engine import _syncs_as_lora
+
+    assert _syncs_as_lora(_policy(tiny_llama, lora_dropout=0.1))
+    assert not _syncs_as_lora(_policy(tiny_llama, use_dora=True))  # vLLM has no DoRA
+    assert not _syncs_as_lora(_policy(tiny_llama, modules_to_save=["lm_head"]))
+    assert not _syncs_as_lora(_policy(tiny_llama))
+
+
+def test_merged_weights_carry_the_checkpoint_names_and_peft_merge(tiny_llama):
+    import copy
+
+    import torch
+    from vistune_vllm.engine import _merged_state_dict
+
+    model = _policy(tiny_llama, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(2.0)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    before = model(ids).logits
+    state = _merged_state_dict(model)
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert state.keys() == _policy(tiny_llama).state_dict().keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, msg=name)
+    assert not torch.equal(state["model.layers.0.self_attn.q_proj.weight"],
+                           _policy(tiny_llama).state_dict()["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    torch.testing.assert_close(model(ids).logits, before)  # the policy itself is left unmerged

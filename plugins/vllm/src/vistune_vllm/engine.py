@@ -6,6 +6,12 @@ an event loop of its own, in a background thread, so callers on any thread or lo
 share its continuous batching.  Prompts are encoded with vistune's template (the model
 sees exactly what it was trained on) and handed over as token ids, with the images of
 vision prompts as ``multi_modal_data``.
+
+For RL rollouts (:meth:`VllmEngine.from_model`) vLLM keeps its own copy of the policy's
+weights, which :meth:`VllmEngine.update_weights` brings up to date before every rollout:
+a LoRA policy's adapter is saved and loaded as a new vLLM LoRA adapter; the weights of any
+other policy (full fine-tuning, DoRA, an adapter with ``modules_to_save``) are saved merged,
+and vLLM reloads them in place.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import asyncio
 import importlib.util
 import itertools
 import json
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -54,7 +62,39 @@ def _lora_rank(path: str) -> int:
         rank = int(json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 8))
     except (OSError, ValueError):
         return LORA_RANKS[0]
+    return _kernel_rank(rank)
+
+
+def _kernel_rank(rank: int) -> int:
     return next((r for r in LORA_RANKS if r >= rank), rank)
+
+
+def _syncs_as_lora(model: Any) -> bool:
+    """Whether vLLM can run the policy's active adapter as a LoRA adapter of its own."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return False
+    config = configs[model.active_adapter]
+    return (getattr(config, "peft_type", None) == "LORA" and not getattr(config, "use_dora", False)
+            and not getattr(config, "modules_to_save", None))  # fmt: skip
+
+
+def _merged_state_dict(model: Any) -> dict[str, Any]:
+    """The policy's weights under the base checkpoint's names, a peft adapter merged in."""
+    if not hasattr(model, "peft_config"):
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    model.merge_adapter()
+    try:
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if model.prefix in name or "original_module" in name:
+                continue  # the adapter's own tensors (merged already), and the copy modules_to_save replaces
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            name = name.replace(f".modules_to_save.{model.active_adapter}", "")
+            state[name] = tensor.detach().to("cpu", copy=True)  # unmerged below
+    finally:
+        model.unmerge_adapter()
+    return state
 
 
 def _finish_reason(reason: str | None) -> str | None:
@@ -74,7 +114,9 @@ class VllmEngine:
         ``adapter_path`` (served as the default LoRA adapter).
     """
 
-    def __init__(self, model_path: str, model_type: Any, config: Any):
+    def __init__(
+        self, model_path: str, model_type: Any, config: Any, *, encoder: Any = None, lora_rank: int | None = None
+    ):
         import vllm
         from vistune.plugins import get_plugin_manager
         from vistune.specs import load_ref
@@ -91,20 +133,25 @@ class VllmEngine:
         self._image_token = image_token_id(hf_config)
         processor = _load_processor(model_path, config.trust_remote_code)
         self.tokenizer = getattr(processor, "tokenizer", None) or processor
-        template = get_plugin_manager().registries.templates.get(config.template or model_type.default_template)
-        self.encoder = load_ref(template.factory)(
-            processor, TemplateOptions(max_length=max_model_len, truncation="error")
-        )
-        enable_lora = bool(config.adapter_path)
+        if encoder is None:
+            template = get_plugin_manager().registries.templates.get(config.template or model_type.default_template)
+            options = TemplateOptions(max_length=max_model_len, truncation="error")
+            encoder = load_ref(template.factory)(processor, options)
+        self.encoder = encoder
+        #: Requests are queued beyond this; RL raises it to a rollout's size (informational for vLLM).
+        self.max_batch_size = max(config.max_batch_size, 1)
+        enable_lora = bool(config.adapter_path) or lora_rank is not None
         kwargs = engine_kwargs(model_path, config, max_model_len=max_model_len, enable_lora=enable_lora)
         if enable_lora:
-            kwargs["max_lora_rank"] = _lora_rank(config.adapter_path)
+            kwargs["max_lora_rank"] = _kernel_rank(lora_rank) if lora_rank else _lora_rank(config.adapter_path)
         if not _cuda_available():
             kwargs["enforce_eager"] = True  # no CUDA graphs to capture; starts faster
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vistune-vllm", daemon=True)
         self._thread.start()
         self._closed = False
+        self._weights_dir: tempfile.TemporaryDirectory | None = None
+        self._weight_version = 0
         self._adapters: dict[str, Any] = {}
         self._adapter_ids = itertools.count(1)
         self._default_adapter: str | None = None
@@ -123,6 +170,69 @@ class VllmEngine:
         if config.adapter_path:
             self.add_adapter("default", config.adapter_path)
             self._default_adapter = "default"
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, encoder: Any, *, max_batch_size: int, config: Any) -> VllmEngine:
+        """An engine sampling RL rollouts from ``model``, the policy being trained.
+
+        vLLM starts from the policy's base checkpoint directory and is brought up to date
+        with the policy at once (see :meth:`update_weights`).  Requests naming the policy's
+        active adapter sample from the policy.  One process only: under torchrun every
+        process's vLLM would claim the same GPU.
+        """
+        import attrs
+        import torch
+
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            raise ConfigError("the vllm backend samples RL rollouts in single-process runs only",
+                              hint="set backend: transformers for gpu_num > 1")  # fmt: skip
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        model_path = getattr(base, "name_or_path", "") or ""
+        if not (Path(model_path) / "config.json").is_file():
+            raise ConfigError(f"the vllm backend needs the policy's checkpoint directory, but the model names "
+                              f"{model_path!r}", hint="set backend: transformers")  # fmt: skip
+        lora_rank = model.peft_config[model.active_adapter].r if _syncs_as_lora(model) else None
+        # an SFT adapter the run continues is the policy's own adapter here, synced below, not a served one
+        config = attrs.evolve(config, adapter_path=None, max_batch_size=max(config.max_batch_size, max_batch_size))
+        engine = cls(model_path, None, config, encoder=encoder, lora_rank=lora_rank)
+        try:
+            engine.update_weights(model)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    def update_weights(self, model: Any) -> None:
+        """Make requests naming ``model``'s active adapter (or none) sample from ``model`` as it is now."""
+        if self._weights_dir is None:
+            self._weights_dir = tempfile.TemporaryDirectory(prefix="vistune-vllm-weights-")
+        previous = Path(self._weights_dir.name) / f"v{self._weight_version}"
+        self._weight_version += 1
+        path = Path(self._weights_dir.name) / f"v{self._weight_version}"
+        if _syncs_as_lora(model):
+            name = model.active_adapter
+            model.save_pretrained(str(path), selected_adapters=[name])
+            adapter_dir = path if name == "default" else path / name  # peft saves other adapters in a subfolder
+            old = self._adapters.get(name)
+            # a new id: vLLM caches an adapter's weights (and prefix KV) by id
+            self._adapters[name] = self._lora_request(name, next(self._adapter_ids), str(adapter_dir))
+            if old is not None:
+                asyncio.run_coroutine_threadsafe(self._llm.remove_lora(old.lora_int_id), self._loop).result()
+        else:
+            from safetensors.torch import save_file
+
+            path.mkdir(parents=True)
+            save_file(_merged_state_dict(model), str(path / "model.safetensors"))
+            if hasattr(model, "peft_config"):
+                self._adapters[model.active_adapter] = None  # the merged policy is vLLM's base model now
+
+            async def reload():
+                await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+                await self._llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+            asyncio.run_coroutine_threadsafe(reload(), self._loop).result()
+        shutil.rmtree(previous, ignore_errors=True)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -243,6 +353,8 @@ class VllmEngine:
             # AsyncLLM.__del__ shuts down again: let it run now, not at interpreter exit.
             self._llm = None
             self._stop_loop()
+            if self._weights_dir is not None:
+                self._weights_dir.cleanup()
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
