@@ -135,6 +135,15 @@ def test_lora_projector_trained_in_full_when_asked(tiny_llava, tmp_path):
         assert any("multi_modal_projector" in k for k in f.keys())
 
 
+def test_lora_vision_tower_trained_in_full_when_asked(tiny_llava, plugin_manager):
+    model = check_adapter(adapter_spec(plugin_manager, "lora"), load(tiny_llava), LLAVA,
+                          config(freeze_vision_tower=False))  # fmt: skip
+    names = trainable(model)
+    assert any(n.startswith("model.vision_tower.modules_to_save.") for n in names)
+    assert not any(n.startswith("model.multi_modal_projector.") for n in names)  # still frozen under LoRA
+    assert not any(n.startswith("model.vision_tower.") for n in adapted(model))  # trained whole, not adapted
+
+
 def test_dora_adds_magnitudes(tiny_llava, plugin_manager):
     model = check_adapter(adapter_spec(plugin_manager, "dora"), load(tiny_llava), LLAVA, config(adapter="dora"))
     assert any("lora_magnitude_vector" in n for n in trainable(model))
@@ -170,6 +179,23 @@ def test_qlora_refuses_cpu_before_touching_the_model():
 
     with pytest.raises(VistuneError, match="qlora needs a CUDA GPU"):
         apply_qlora(Untouchable(), LLAVA, config(adapter="qlora", quantization="nf4"))
+
+
+def test_qlora_problems_are_found_by_the_plan_before_any_weights_load(plugin_manager, monkeypatch):
+    from vistune.plan import make_plan
+
+    def adapter_problems(gpus, **values):
+        monkeypatch.setattr("vistune.plan.visible_gpu_count", lambda: gpus)
+        loaded = build_config({"task": "sft", "model": "nowhere", "adapter": "qlora", **values})
+        plan = make_plan(loaded, plugin_manager)
+        return " | ".join(p.message for p in plan.problems if p.field == "adapter")
+
+    assert "adapter qlora needs a CUDA GPU and this run has none" in adapter_problems(0, quantization="nf4")
+    # on a GPU machine: a 4-bit base is what qlora trains on, so without one the run is refused up front
+    assert "4-bit base model, but quantization is none" in adapter_problems(1)
+    assert "4-bit base model, but quantization is int8" in adapter_problems(1, quantization="int8")
+    for four_bit in ("nf4", "q4_k_m"):
+        assert "4-bit base model" not in adapter_problems(1, quantization=four_bit)
 
 
 # -- full fine-tuning and GaLore -------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``vistune demo``, shortened: the tiny Llava's caption loss on held-out images falls."""
+"""``vistune demo``, shortened: the tiny Llava's caption loss on held-out images falls, and most held-out
+images get exactly the right caption."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ import pytest
 pytest.importorskip("torch")
 
 
+@pytest.mark.slow
 def test_short_demo_learns(tmp_path, plugin_manager, capsys):
     if "llava" not in plugin_manager.registries.models:
         pytest.skip("the llava plugin is not installed (pip install -e plugins/llava)")
     from vistune.demo import run_demo
 
-    summary = run_demo(tmp_path, max_steps=40)
+    # 300 of the demo's 2000 steps (about 20 s on two cores): 33 of 40 held-out captions were exact
+    summary = run_demo(tmp_path, max_steps=300)
     assert summary["eval_loss_start"] > 5  # random weights over a ~1000-token vocabulary
-    assert summary["eval_loss_end"] < summary["eval_loss_start"] - 2
+    assert summary["eval_loss_end"] < 1
     assert summary["train_loss_end"] < summary["train_loss_start"]
     assert summary["held_out_total"] == 40
-    assert json.loads((tmp_path / "demo_summary.json").read_text())["steps"] == 40
+    assert summary["held_out_correct"] > summary["held_out_total"] // 2  # greedy captions, exact match
+    assert json.loads((tmp_path / "demo_summary.json").read_text())["steps"] == 300
     assert (tmp_path / "model" / "loss_curve.png").is_file()
     assert (tmp_path / "model" / "vistune_run.json").is_file()
     assert "held-out exact match" in capsys.readouterr().out

@@ -23,6 +23,7 @@ from vistune.data.packing import (  # noqa: E402
 from vistune.errors import DataError  # noqa: E402
 from vistune.specs import ModelType  # noqa: E402
 from vistune.templates import IGNORE_INDEX  # noqa: E402
+from vistune.training.lm_loss import causal_lm_loss  # noqa: E402
 
 LLAVA = ModelType(
     "test-llava", loader="transformers:AutoModelForImageTextToText", default_template="test",
@@ -219,6 +220,16 @@ def test_packed_batch_equals_samples_one_by_one(kind, attention, request):
     assert vision_grads, "the vision tower's gradients are compared too"
     for name, want in ref_grads.items():
         torch.testing.assert_close(packed_grads[name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+    # the trainer's own loss (logits of the labelled positions only) on the same packed batch
+    model.zero_grad()
+    loss, _ = causal_lm_loss(model, batch)
+    loss.backward()
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(loss.detach(), ref_loss, atol=1e-6, rtol=1e-5)
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(params[name].grad, want, atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
 
 
 def test_without_resetting_positions_samples_would_mix(llava):

@@ -6,7 +6,8 @@ launcher: before loading anything it starts the same command under
 node and waits for them.  The workers see ``LOCAL_RANK`` in their environment and
 train; ``transformers.Trainer`` (through accelerate) sets up DDP, or FSDP with
 ``parallel_method: fsdp``.  On CPU (``device: cpu``) the processes talk through the
-gloo backend, which is how the multi-process path is tested without GPUs.
+gloo backend, which is how the multi-process path is tested without GPUs; FSDP is
+refused there, since accelerate shards only across GPUs and would run DDP instead.
 
 Multi-node: run the same command with the same config on every node, giving each node
 its own ``node_rank`` and all of them the first node's address::

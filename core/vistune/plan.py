@@ -251,6 +251,11 @@ def _resolve_launch(plan: Plan) -> None:
                      f"cpu to start {config.gpu_num} CPU processes (gloo backend, for testing)"))  # fmt: skip
     plan.launch = Launch(config.gpu_num, config.nnodes, method, device)
     total = config.gpu_num * config.nnodes
+    if method == "fsdp" and device == "cpu" and total > 1:
+        # accelerate shards only across accelerators: CPU processes would silently train as DDP
+        plan.problem("parallel_method", "parallel_method fsdp shards the model across GPUs, but this run starts CPU "
+                     "processes, which would each hold the whole model (DDP)",
+                     hint="set parallel_method: ddp for CPU processes, or run fsdp on GPUs")  # fmt: skip
     where = f"{config.nnodes} node(s) x {config.gpu_num} process(es)" if config.nnodes > 1 else f"{config.gpu_num} process(es)"
     plan.lines.append(("launch", f"{method if total > 1 else 'single process'} on {device}, {where}"))
 
@@ -287,6 +292,11 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
         if plan.adapter:
             _check_requirements(plan, "adapter", f"adapter {config.adapter}", plan.adapter.requires,
                                 plan.adapter.requires_cuda, "adapter: lora")  # fmt: skip
+            if plan.adapter.name == "qlora" and (plan.quantization is None or plan.quantization.method != "bnb-4bit"):
+                # found here rather than after the full-precision model has loaded
+                plan.problem("adapter", f"adapter qlora trains LoRA on a 4-bit base model, but quantization is "
+                             f"{config.quantization}",
+                             hint="set quantization: nf4 (or q4_k_m) next to adapter: qlora")  # fmt: skip
             if plan.adapter.name in ("lora", "dora", "qlora"):
                 targets = ", ".join(config.lora_target_modules)
                 plan.lines.append(("lora", f"r={config.lora_rank} alpha={config.lora_alpha} on [{targets}] in {config.lora_scope}"))

@@ -68,11 +68,13 @@ def build_trainer(plan: Plan):
     if config.cache_encoded and not config.packing:
         train_dataset = MemoryCachedDataset(train_dataset)
         eval_dataset = MemoryCachedDataset(eval_dataset) if eval_dataset is not None else None
+    overrides = adapter_trainer_overrides(plan)
     if config.packing:
-        pack_dataset, collator = _packing_functions()
+        pack_dataset, collator, packing_overrides = _packing_functions()
         train_dataset = pack_dataset(train_dataset, config.max_packed_length, model, plan.model_type)
         if eval_dataset is not None:
             eval_dataset = pack_dataset(eval_dataset, config.max_packed_length, model, plan.model_type)
+        overrides = {**packing_overrides(), **overrides}
     else:
         collator = Collator(pad_token_id(processor))
     model = loading.apply_adapter(plan, model)
@@ -81,7 +83,7 @@ def build_trainer(plan: Plan):
 
         compile_blocks(model)
     device = plan.launch.device if plan.launch else ("cuda" if _cuda() else "cpu")
-    args = training_arguments(config, device, has_eval=eval_dataset is not None, **adapter_trainer_overrides(plan))
+    args = training_arguments(config, device, has_eval=eval_dataset is not None, **overrides)
     trainer = VistuneTrainer(
         model=model,
         args=args,
@@ -217,10 +219,10 @@ def _cuda() -> bool:
 
 def _packing_functions():
     try:
-        from vistune.data.packing import collate_packed, pack_dataset
+        from vistune.data.packing import collate_packed, pack_dataset, trainer_overrides
     except ImportError as exc:
         raise VistuneError(
             f"packing is not available in this installation ({exc})",
             hint="set packing: false",
         ) from None
-    return pack_dataset, collate_packed
+    return pack_dataset, collate_packed, trainer_overrides
