@@ -181,6 +181,20 @@ def test_seeded_sampling_is_reproducible_and_n_completions_differ(llama_engine):
     assert first.completion_tokens == sum(len(o.token_ids) for o in first.outputs)
 
 
+def test_seed_at_the_top_of_the_range_does_not_fail_its_batch(llama_engine):
+    """Completion i is seeded seed + i, past 64 bits here; the greedy request prefilled with it is unharmed."""
+    top = SamplingParams(max_tokens=6, temperature=1.0, n=2, seed=2**64 - 1)
+    greedy, first = llama_engine.generate(
+        [GenerationRequest(chat(PROMPTS[0]), SamplingParams(max_tokens=8)), GenerationRequest(chat(PROMPTS[3]), top)]
+    )
+    assert greedy.outputs[0].token_ids == truncated_at_eos(
+        reference_ids(llama_engine, chat(PROMPTS[0]), 8), llama_engine.eos_ids
+    )
+    again = llama_engine.generate([GenerationRequest(chat(PROMPTS[3]), top)])[0]
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in again.outputs]
+    assert all(o.token_ids for o in first.outputs)
+
+
 def test_tiny_top_p_is_greedy(llama_engine):
     greedy = llama_engine.generate([GenerationRequest(chat(PROMPTS[1]), SamplingParams(max_tokens=12))])[0]
     nucleus = llama_engine.generate(

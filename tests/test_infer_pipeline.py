@@ -58,7 +58,7 @@ def test_split_prompt_keeps_the_conversation_up_to_the_last_question():
     assert split_prompt(caption_only)[1] == "x"
 
 
-def test_infer_writes_predictions_and_scores_them(tiny_llama, tmp_path):
+def test_infer_writes_predictions_and_scores_them(tiny_llama, tmp_path, capsys):
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
     first = [{"role": "user", "content": "What colour is the star?"}]
@@ -76,6 +76,8 @@ def test_infer_writes_predictions_and_scores_them(tiny_llama, tmp_path):
                           output_dir=str(tmp_path / "out"), metrics=["bleu", "exact_match"], max_new_tokens=8,
                           max_batch_size=2)  # fmt: skip
     assert main(["infer", "--config", config]) == 0
+    progress = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("infer: 100%") and "4/4" in line for line in progress), progress
     lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [line["index"] for line in lines] == [0, 1, 2, 3]
     for record, line in zip(records, lines):

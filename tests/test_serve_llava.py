@@ -181,6 +181,15 @@ def test_oversized_image_is_refused_before_decoding(client):
     assert str(MAX_PIXELS) in info.value.body["message"]
 
 
+def test_too_many_images_are_refused_before_decoding(client):
+    from vistune.serving.app import MAX_IMAGES
+
+    content = [{"type": "image_url", "image_url": {"url": data_url(png())}} for _ in range(MAX_IMAGES + 1)]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=2)
+    assert info.value.body["code"] == "too_many_images"
+
+
 def test_image_tags_typed_into_text_do_not_match_images(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(

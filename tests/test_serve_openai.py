@@ -216,6 +216,7 @@ def _error(response, status):
         ({"messages": MESSAGES, "top_p": 0}, "top_p"),
         ({"messages": MESSAGES, "n": 0}, "n"),
         ({"messages": MESSAGES, "seed": "x"}, "seed"),
+        ({"messages": MESSAGES, "seed": 2**63}, "seed"),
         ({"messages": MESSAGES, "stream": "yes"}, "stream"),
         ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"messages": []}, "messages"),
@@ -239,6 +240,43 @@ def test_malformed_json_and_non_object_bodies(server):
     for content in (b"{not json", b"", b"[1, 2]", b"\xff\xfe"):
         error = _error(_post(server, "/v1/chat/completions", content), 400)
         assert error["code"] == "invalid_json"
+
+
+def test_largest_seed_is_served(client):
+    kwargs = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 1.0, "n": 2, "seed": 2**63 - 1}
+    first, second = (client.chat.completions.create(**kwargs) for _ in range(2))
+    assert [c.message.content for c in first.choices] == [c.message.content for c in second.choices]
+
+
+def test_too_many_prompts_in_one_completion_request(server):
+    from vistune.serving.schemas import MAX_PROMPTS
+
+    body = {"model": MODEL, "prompt": ["a red circle"] * (MAX_PROMPTS + 1), "max_tokens": 1}
+    error = _error(_post(server, "/v1/completions", json.dumps(body)), 400)
+    assert error["param"] == "prompt" and str(MAX_PROMPTS) in error["message"]
+
+
+def test_oversized_bodies_are_413_before_they_are_read(server, monkeypatch):
+    import socket
+
+    from vistune.serving import schemas
+
+    # A declared length over the limit is refused at once: the 100 MB are never sent.
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {server.host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {100 * 1024 * 1024}\r\n\r\n{{\"model\": ")  # fmt: skip
+    answer = b""
+    with socket.create_connection((server.host, server.port), timeout=20) as sock:
+        sock.sendall(head.encode())
+        while b"}}" not in answer and (data := sock.recv(65536)):  # the status line and the JSON body
+            answer += data
+    answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert '"code":"request_too_large"' in answer
+    # A chunked body (no length declared) is cut off once it passes the limit.
+    monkeypatch.setattr(schemas, "MAX_BODY_BYTES", 1000)
+    chunks = (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 2000}]}).encode(),)
+    error = _error(_post(server, "/v1/chat/completions", iter(chunks)), 413)
+    assert error["code"] == "request_too_large"
 
 
 def test_unknown_model_is_404(client):

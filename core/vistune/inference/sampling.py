@@ -30,7 +30,9 @@ class RowSampler:
         generator = None
         if temperature > 0:
             generator = torch.Generator(device="cpu")
-            generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
+            # Wrapped to 64 bits: completion i of n is seeded seed + i, which may pass the range
+            # torch accepts, and a failure here would fail every request prefilled with this one.
+            generator.manual_seed(seed % 2**64 if seed is not None else random.SystemRandom().randrange(2**63))
         return cls(temperature, top_p, generator)
 
 

@@ -33,11 +33,14 @@ from vistune.inference.engine import (
 from vistune.serving.errors import APIError, bad_request, error_body, install_error_handlers
 from vistune.serving.limits import Admission
 from vistune.serving.media import MediaPolicy, load_image
-from vistune.serving.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from vistune.serving.schemas import ChatCompletionRequest, CompletionRequest, parse_body, read_body
 from vistune.templates import IMAGE_TAG, Sample
 
 #: Paths answered without an API key (load balancers probe them).
 PUBLIC_PATHS = ("/health",)
+#: Images in one chat request.  Each may have up to ``max_image_pixels`` pixels, and all of
+#: a request's images are decoded before the model sees them: this bounds that memory.
+MAX_IMAGES = 16
 
 
 def resolve_api_key(config: Any) -> str | None:
@@ -68,6 +71,10 @@ async def messages_to_sample(messages: list[Any], policy: MediaPolicy) -> Sample
     Parts of one message are joined with newlines, as the Llava prompt format writes
     ``<image>\\n`` before the question.  Images are loaded under ``policy``.
     """
+    count = sum(1 for m in messages if isinstance(m.content, list) for part in m.content if part.type == "image_url")
+    if count > MAX_IMAGES:  # refused before any is fetched or decoded
+        raise bad_request(f"at most {MAX_IMAGES} images per request are supported, got {count}", "messages",
+                          "too_many_images")  # fmt: skip
     converted, images = [], []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
@@ -253,7 +260,7 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
     # -- chat completions --------------------------------------------------------------
 
     async def chat(request: Request):
-        body = parse_body(await request.body(), ChatCompletionRequest)
+        body = parse_body(await read_body(request), ChatCompletionRequest)
         check_model(body.model)
         if (
             body.max_tokens is not None
@@ -311,7 +318,7 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
     # -- text completions --------------------------------------------------------------
 
     async def complete(request: Request):
-        body = parse_body(await request.body(), CompletionRequest)
+        body = parse_body(await read_body(request), CompletionRequest)
         check_model(body.model)
         sampling = _sampling(body, config, body.max_tokens)
         prompts = body.prompts()

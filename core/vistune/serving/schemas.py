@@ -20,6 +20,12 @@ from vistune.serving.errors import APIError, bad_request
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_N = 16
 MAX_STOP = 4
+#: Prompts in one /v1/completions request: each is a request to the engine, and the
+#: admission limit counts HTTP requests, so this keeps the engine's queue bounded.
+MAX_PROMPTS = 64
+#: Seeds are 64-bit signed integers, as in vLLM's server; completion ``i`` is seeded
+#: ``seed + i``, which then stays inside the range torch's generators accept.
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 
 Number = StrictFloat | StrictInt
 
@@ -65,7 +71,7 @@ class _Sampling(_Body):
     top_p: Number | None = Field(None, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    seed: StrictInt | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
@@ -111,6 +117,8 @@ class CompletionRequest(_Sampling):
             raise bad_request("prompt must not be empty", "prompt")
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]
+        if len(prompt) > MAX_PROMPTS:
+            raise bad_request(f"at most {MAX_PROMPTS} prompts per request are supported, got {len(prompt)}", "prompt")
         return list(prompt)
 
 
@@ -142,13 +150,38 @@ def _is_field(part: Any) -> bool:
     return bool(re.fullmatch(r"[a-z_][a-z0-9_]*", part)) and part not in _TYPE_TAGS
 
 
+def _too_large() -> APIError:
+    return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+
+
+async def read_body(request: Any) -> bytes:
+    """The body of a Starlette ``request``, read no further than :data:`MAX_BODY_BYTES`.
+
+    A declared ``Content-Length`` over the limit is refused before anything is read, and a
+    chunked body is refused as soon as it passes the limit, so a huge upload never sits in
+    memory whole.
+
+    :raises APIError: 413.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_body(raw: bytes, model_class: type[_Sampling]) -> Any:
     """Validate a JSON request body into ``model_class``.
 
     :raises APIError: 400 naming the first invalid field.
     """
     if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+        raise _too_large()
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

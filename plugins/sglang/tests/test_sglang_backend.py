@@ -83,9 +83,23 @@ def test_names_match_sglangs_api():
     from sglang.srt.sampling.sampling_params import SamplingParams as SglangSamplingParams
     from sglang.srt.server_args import ServerArgs
 
-    SglangSamplingParams(**sampling_params(SamplingParams(max_tokens=4, temperature=0.5, seed=1, stop=["x"])))
+    from PIL import Image
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    params = sampling_params(SamplingParams(max_tokens=4, temperature=0.5, top_p=0.9, n=2, seed=1, stop=["x"]), 1)
+    checked = SglangSamplingParams(**params)
+    checked.verify(vocab_size=1000)  # SGLang's own range checks
+    assert checked.sampling_seed == 2 and checked.n == 1
     parameters = inspect.signature(sglang.Engine.async_generate).parameters
     assert {"input_ids", "sampling_params", "image_data", "lora_path", "stream"} <= set(parameters)
+    # async_generate wraps its arguments in a GenerateReqInput: ours make one single request
+    request = GenerateReqInput(sampling_params=params, **generate_kwargs([1, 2, 3], [Image.new("RGB", (8, 8))],
+                                                                       "default", stream=True))  # fmt: skip
+    request.normalize_batch_and_arguments()
+    assert request.is_single and request.input_ids == [1, 2, 3] and request.lora_path == "default"
+    assert len(request.image_data) == 1 and request.stream
+    assert {"lora_name", "lora_path"} <= set(inspect.signature(sglang.Engine.async_load_lora_adapter).parameters)
+    assert callable(sglang.Engine.shutdown)
     names = set(inspect.signature(ServerArgs).parameters) | set(dir(ServerArgs))
     kwargs = engine_kwargs("/m", RunConfig(task="serve"), context_length=8, lora_paths={"a": "/a"})
     assert set(kwargs) <= names, set(kwargs) - names
