@@ -431,14 +431,19 @@ def setting_c(args):
     with tempfile.TemporaryDirectory(dir=args.scratch) as directory:
         build_model(config).save_pretrained(directory)
         free()
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16,
-                                   llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])  # fmt: skip
+        from vistune_llava.loading import KEEP_FULL_PRECISION
+
+        def quant(skip):
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(skip))  # fmt: skip
+
         weights = {}
 
-        def load():
+        # The baseline skips the modules by the short names users write; vistune keeps the
+        # vision tower, projector and head in bf16 by their full prefixes, as its llava loader does.
+        def load(skip=("vision_tower", "multi_modal_projector", "lm_head")):
             before = torch.cuda.memory_allocated()
-            model = LlavaForConditionalGeneration.from_pretrained(directory, quantization_config=quant, dtype=torch.bfloat16,
+            model = LlavaForConditionalGeneration.from_pretrained(directory, quantization_config=quant(skip), dtype=torch.bfloat16,
                                                                   attn_implementation="sdpa", device_map={"": 0})  # fmt: skip
             weights["gib"] = (torch.cuda.memory_allocated() - before) / 2**30
             model.config.get_text_config().use_cache = False
@@ -450,7 +455,7 @@ def setting_c(args):
                   batches, plain_loss, extra={"batch": "1 x 1024", "weights_gib": weights}, **kw)  # fmt: skip
         for checkpointing in (False, True):
             name = "vistune qlora" + (" + gradient checkpointing" if checkpointing else "")
-            run_steps(name, "c", lambda c=checkpointing: vistune_lora(load(), adapter="qlora", checkpointing=c, compile_blocks=False),
+            run_steps(name, "c", lambda c=checkpointing: vistune_lora(load(KEEP_FULL_PRECISION), adapter="qlora", checkpointing=c, compile_blocks=False),
                       batches, vistune_loss, extra={"batch": "1 x 1024", "weights_gib": weights}, **kw)  # fmt: skip
 
 
