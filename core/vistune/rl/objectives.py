@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "NORMALISATIONS",
     "RATIO_LEVELS",
+    "clipped_policy_loss",
     "clipped_surrogate",
     "group_mean",
     "group_std",
@@ -160,3 +161,35 @@ def masked_average(values: Any, mask: Any) -> float:
         return float(values.mean()) if values.numel() else 0.0
     total = mask.sum()
     return float((values * mask).sum() / total) if float(total) > 0 else 0.0
+
+
+def clipped_policy_loss(
+    batch: Any, *, epsilon_low: float, epsilon_high: float, ratio_level: str, normalisation: str, beta: float
+) -> tuple[Any, dict[str, float]]:
+    """The clipped policy-gradient loss of GRPO and its relatives, with an optional k3 KL term.
+
+    ``normalise(clipped_surrogate(ratio, A) + beta * k3_kl)`` (GRPO, Shao et al. 2024, eq. 3),
+    where the algorithm picks the ratio level, the clipping range and the normalisation.
+
+    :param batch: a :class:`vistune.rl.algorithm.PolicyBatch`.
+    :param beta: weight of the KL term; 0 leaves it out (and needs no ``ref_logps``).
+    :returns: the scalar loss of the micro-batch and its metrics: clip fractions below,
+        above and in either clipping region, the mean importance ratio, and ``kl`` when
+        ``beta > 0``.
+    """
+    mask = batch.mask
+    log_ratio = importance_log_ratio(batch.logps, batch.old_logps, mask, ratio_level)
+    per_token, flags = clipped_surrogate(log_ratio, batch.advantages.unsqueeze(-1), epsilon_low, epsilon_high)
+    metrics = {
+        "clip_fraction/low": masked_average(flags["low"], mask),
+        "clip_fraction/high": masked_average(flags["high"], mask),
+        "clip_fraction/region": masked_average(flags["low"] | flags["high"], mask),
+        "importance_ratio": masked_average(flags["ratio"].detach(), mask),
+    }
+    if beta > 0:
+        kl = k3_kl(batch.logps, batch.ref_logps)
+        per_token = per_token + beta * kl
+        metrics["kl"] = masked_average(kl.detach(), mask)
+    loss = normalise_loss(per_token, mask, normalisation, num_sequences=batch.num_sequences,
+                          num_tokens=batch.num_tokens, max_completion_length=batch.max_completion_length)  # fmt: skip
+    return loss, metrics

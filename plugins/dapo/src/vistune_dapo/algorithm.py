@@ -28,13 +28,9 @@ from typing import Any, ClassVar
 from vistune.errors import ConfigError
 from vistune.rl.algorithm import PolicyBatch, PolicyLoss, RLAlgorithm, RolloutStats, read_options
 from vistune.rl.objectives import (
-    clipped_surrogate,
+    clipped_policy_loss,
     group_mean,
     group_std,
-    importance_log_ratio,
-    k3_kl,
-    masked_average,
-    normalise_loss,
 )
 
 __all__ = ["DAPO", "overlong_penalty"]
@@ -129,27 +125,7 @@ class DAPO(RLAlgorithm):
         return torch.nan_to_num(advantages, nan=0.0)
 
     def loss(self, batch: PolicyBatch) -> PolicyLoss:
-        mask = batch.mask
-        log_ratio = importance_log_ratio(batch.logps, batch.old_logps, mask, "token")
-        per_token, flags = clipped_surrogate(
-            log_ratio, batch.advantages.unsqueeze(-1), self.epsilon_low, self.epsilon_high
-        )
-        metrics = {
-            "clip_fraction/low": masked_average(flags["low"], mask),
-            "clip_fraction/high": masked_average(flags["high"], mask),
-            "clip_fraction/region": masked_average(flags["low"] | flags["high"], mask),
-            "importance_ratio": masked_average(flags["ratio"].detach(), mask),
-        }
-        if self.beta > 0:
-            kl = k3_kl(batch.logps, batch.ref_logps)
-            per_token = per_token + self.beta * kl
-            metrics["kl"] = masked_average(kl.detach(), mask)
-        loss = normalise_loss(
-            per_token,
-            mask,
-            "token",
-            num_sequences=batch.num_sequences,
-            num_tokens=batch.num_tokens,
-            max_completion_length=batch.max_completion_length,
-        )
+        # per-token ratios clipped with clip-higher's range; every token of the batch weighs the same
+        loss, metrics = clipped_policy_loss(batch, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                                            ratio_level="token", normalisation="token", beta=self.beta)  # fmt: skip
         return PolicyLoss(loss, metrics)

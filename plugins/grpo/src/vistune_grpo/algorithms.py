@@ -26,14 +26,10 @@ from vistune.errors import ConfigError
 from vistune.rl.algorithm import PolicyBatch, PolicyLoss, RLAlgorithm, RolloutStats, read_options
 from vistune.rl.objectives import (
     NORMALISATIONS,
-    clipped_surrogate,
+    clipped_policy_loss,
     group_mean,
     group_std,
-    importance_log_ratio,
-    k3_kl,
     leave_one_out_baseline,
-    masked_average,
-    normalise_loss,
 )
 
 __all__ = ["GRPO", "GSPO", "RLOO", "DrGRPO"]
@@ -100,28 +96,13 @@ class GRPO(RLAlgorithm):
         return True
 
     def loss(self, batch: PolicyBatch) -> PolicyLoss:
-        mask = batch.mask
-        log_ratio = importance_log_ratio(batch.logps, batch.old_logps, mask, self.ratio_level)
-        per_token, flags = clipped_surrogate(
-            log_ratio, batch.advantages.unsqueeze(-1), self.epsilon_low, self.epsilon_high
-        )
-        metrics = {
-            "clip_fraction/low": masked_average(flags["low"], mask),
-            "clip_fraction/high": masked_average(flags["high"], mask),
-            "clip_fraction/region": masked_average(flags["low"] | flags["high"], mask),
-            "importance_ratio": masked_average(flags["ratio"].detach(), mask),
-        }
-        if self.beta > 0 and self.kl_in_loss():
-            kl = k3_kl(batch.logps, batch.ref_logps)
-            per_token = per_token + self.beta * kl
-            metrics["kl"] = masked_average(kl.detach(), mask)
-        loss = normalise_loss(
-            per_token,
-            mask,
-            self.loss_normalisation,
-            num_sequences=batch.num_sequences,
-            num_tokens=batch.num_tokens,
-            max_completion_length=batch.max_completion_length,
+        loss, metrics = clipped_policy_loss(
+            batch,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            ratio_level=self.ratio_level,
+            normalisation=self.loss_normalisation,
+            beta=self.beta if self.kl_in_loss() else 0.0,
         )
         return PolicyLoss(loss, metrics)
 
