@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from vistune import hub_chat_templates
+
 KINDS = ("llama", "llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
 
 #: Bump when the files a build writes change, so caches built by an older version are not reused.
@@ -27,67 +29,12 @@ SEED = 0
 
 # -- chat templates ---------------------------------------------------------------------------------
 
-# Qwen/Qwen2-7B-Instruct, tokenizer_config.json "chat_template": ChatML with a default system turn.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# llava-hf/llava-1.5-7b-hf, chat_template.json (also in transformers' tests/models/llava/test_processing_llava.py).
-LLAVA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-# llava-hf/llava-v1.6-mistral-7b-hf, chat_template.json (the current revision, which closes assistant turns
-# with '</s> '; an older revision had the typo '<\\s> '). Mistral's [INST] format has no separate generation
-# prompt: the user turn ends with ' [/INST]' and the answer follows.
-LLAVA_NEXT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] }}{% endfor %}{{' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
-
-# Qwen/Qwen2-VL-7B-Instruct, chat_template.json; Qwen/Qwen2.5-VL-7B-Instruct ships the same string.
-QWEN2_VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 CHAT_TEMPLATES = {
-    "llama": CHATML_TEMPLATE,
-    "llava": LLAVA_TEMPLATE,
-    "llava-next": LLAVA_NEXT_TEMPLATE,
-    "qwen2-vl": QWEN2_VL_TEMPLATE,
-    "qwen2.5-vl": QWEN2_VL_TEMPLATE,
+    "llama": hub_chat_templates.CHATML,
+    "llava": hub_chat_templates.LLAVA_1_5,
+    "llava-next": hub_chat_templates.LLAVA_NEXT_MISTRAL,
+    "qwen2-vl": hub_chat_templates.QWEN2_VL,
+    "qwen2.5-vl": hub_chat_templates.QWEN2_VL,
 }
 
 # -- tokenizer --------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import bisect
 from collections.abc import Sequence
 from typing import Any
 
+from vistune import hub_chat_templates
 from vistune.chat_template import (
     GENERATION_BLOCK,
     generation_spans,
@@ -37,7 +38,6 @@ from vistune.data.readers import open_image
 from vistune.errors import ConfigError, DataError
 from vistune.templates import IGNORE_INDEX, IMAGE_TAG, Sample, TemplateOptions
 
-from vistune_llava import chat_templates
 
 Span = tuple[int, int]
 
@@ -256,12 +256,12 @@ class LlavaEncoder:
 
 def llava_1_5_encoder(processor: Any, options: TemplateOptions | None = None) -> LlavaEncoder:
     """Factory of the ``llava-1.5`` template (Vicuna ``USER:``/``ASSISTANT:``, ``</s>`` after answers)."""
-    return LlavaEncoder(processor, options, chat_template=chat_templates.LLAVA_1_5, eos_after_answers=True)
+    return LlavaEncoder(processor, options, chat_template=hub_chat_templates.LLAVA_1_5, eos_after_answers=True)
 
 
 def llava_next_encoder(processor: Any, options: TemplateOptions | None = None) -> LlavaEncoder:
     """Factory of the ``llava-next`` template (Mistral ``[INST] ... [/INST] ...</s>``)."""
-    return LlavaEncoder(processor, options, chat_template=chat_templates.LLAVA_NEXT_MISTRAL, eos_after_answers=False)
+    return LlavaEncoder(processor, options, chat_template=hub_chat_templates.LLAVA_NEXT_MISTRAL, eos_after_answers=False)
 
 
 def checkpoint_encoder(processor: Any, options: TemplateOptions | None = None) -> LlavaEncoder:

@@ -15,25 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from vistune import hub_chat_templates
 from vistune.errors import ConfigError
-
-# Qwen/Qwen2-VL-7B-Instruct chat_template.json (Qwen/Qwen2.5-VL-7B-Instruct ships the same string).  Used only
-# when a checkpoint directory carries no chat template of its own.
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def _image_only(base: type, qualname: str) -> type:
@@ -68,7 +51,7 @@ def _directory_chat_template(directory: Path) -> str | None:
 
 def build_processor(kind: str, image_processor: Any, tokenizer: Any, chat_template: str | None = None) -> Any:
     """An image-only ``kind`` processor from its parts; the chat template defaults to Qwen's."""
-    template = chat_template or getattr(tokenizer, "chat_template", None) or QWEN2_VL_CHAT_TEMPLATE
+    template = chat_template or getattr(tokenizer, "chat_template", None) or hub_chat_templates.QWEN2_VL
     return PROCESSOR_CLASSES[kind](image_processor, tokenizer, chat_template=template)
 
 
@@ -96,5 +79,5 @@ def load_processor(kind: str, path: str | Path, *, trust_remote_code: bool = Fal
             ) from exc
         processor = build_processor(kind, image_processor, tokenizer, _directory_chat_template(directory))
     if not processor.chat_template:
-        processor.chat_template = getattr(processor.tokenizer, "chat_template", None) or QWEN2_VL_CHAT_TEMPLATE
+        processor.chat_template = getattr(processor.tokenizer, "chat_template", None) or hub_chat_templates.QWEN2_VL
     return processor

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vistune import hub_chat_templates
 from vistune.chat_template import (
     GENERATION_BLOCK,
     generation_spans,
@@ -76,13 +77,11 @@ class QwenVLEncoder:
                 f"the qwen2-vl template needs a Qwen-VL processor (image processor + tokenizer), got {type(processor).__name__}",
                 hint="load the model with the qwen2-vl or qwen2.5-vl model type",
             )
-        from vistune_qwen_vl.processor import QWEN2_VL_CHAT_TEMPLATE
-
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.options = options or TemplateOptions()
         self.template = (
-            processor.chat_template or getattr(self.tokenizer, "chat_template", None) or QWEN2_VL_CHAT_TEMPLATE
+            processor.chat_template or getattr(self.tokenizer, "chat_template", None) or hub_chat_templates.QWEN2_VL
         )
         self.image_token_id = processor.image_token_id
         self.merge_size = processor.image_processor.merge_size
