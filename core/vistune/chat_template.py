@@ -150,6 +150,25 @@ def template_error(exc: Exception, source: str) -> DataError:
     return DataError(f"{source or 'a sample'}: the chat template rejected the conversation: {exc}")
 
 
+def answer_spans(
+    template: str, render: Render, messages: Sequence[Any], source: str, special_tokens: dict[str, Any]
+) -> tuple[str, list[Span]]:
+    """The rendered conversation and the character spans of its answers.
+
+    A template that marks its answers with ``{% generation %}`` blocks says where they
+    are; otherwise they are found by rendering growing prefixes of the conversation.
+    A template error becomes a :class:`DataError` naming ``source``.
+    """
+    try:
+        if GENERATION_BLOCK.search(template):
+            return generation_spans(template, messages, **special_tokens)
+        return prefix_spans(render, messages, source)
+    except DataError:
+        raise
+    except Exception as exc:  # jinja2 errors and the template's own raise_exception
+        raise template_error(exc, source) from exc
+
+
 class ChatTemplateEncoder:
     """:class:`vistune.templates.Encoder` for text models, driven by the tokenizer's chat template.
 
@@ -188,15 +207,7 @@ class ChatTemplateEncoder:
     def encode(self, sample: Sample) -> dict[str, Any] | None:
         """``input_ids`` and ``labels`` (supervised on assistant answers and their end-of-turn token)."""
         messages = self._messages(sample, need_answer=True)
-        try:
-            if GENERATION_BLOCK.search(self.template):
-                text, spans = generation_spans(self.template, messages, **self.tokenizer.special_tokens_map)
-            else:
-                text, spans = prefix_spans(self._render, messages, sample.source)
-        except DataError:
-            raise
-        except Exception as exc:  # jinja2 errors and the template's own raise_exception
-            raise template_error(exc, sample.source) from exc
+        text, spans = answer_spans(self.template, self._render, messages, sample.source, self.tokenizer.special_tokens_map)
         # apply_chat_template never adds special tokens: the template writes them.
         input_ids, offsets = tokenize_with_offsets(self.tokenizer, text, add_special_tokens=False)
         if not within_length(len(input_ids), self.options, sample.source):
@@ -220,6 +231,7 @@ class ChatTemplateEncoder:
 __all__ = [
     "GENERATION_BLOCK",
     "ChatTemplateEncoder",
+    "answer_spans",
     "generation_spans",
     "labels_from_spans",
     "prefix_spans",

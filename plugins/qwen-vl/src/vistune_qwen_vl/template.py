@@ -16,10 +16,8 @@ from typing import Any
 
 from vistune import hub_chat_templates
 from vistune.chat_template import (
-    GENERATION_BLOCK,
-    generation_spans,
+    answer_spans,
     labels_from_spans,
-    prefix_spans,
     template_error,
     tokenize_with_offsets,
     validate_messages,
@@ -145,15 +143,9 @@ class QwenVLEncoder:
     def encode(self, sample: Sample) -> dict[str, Any] | None:
         """Token ids, labels on assistant answers (+ ``<|im_end|>``), and the images' tensors."""
         conversation, images = self._conversation(sample, need_answer=True)
-        try:
-            if GENERATION_BLOCK.search(self.template):
-                text, spans = generation_spans(self.template, conversation, **self.tokenizer.special_tokens_map)
-            else:
-                text, spans = prefix_spans(self._render, conversation, sample.source)
-        except DataError:
-            raise
-        except Exception as exc:  # jinja2 errors and the template's own raise_exception
-            raise template_error(exc, sample.source) from exc
+        text, spans = answer_spans(
+            self.template, self._render, conversation, sample.source, self.tokenizer.special_tokens_map
+        )
         processed = self._process(text, images, sample.source)
         input_ids = processed["input_ids"][0].tolist()
         if not within_length(len(input_ids), self.options, sample.source):
