@@ -136,8 +136,13 @@ def test_dapo_refills_filtered_groups(tmp_path, text_data, tiny_llama, recorder,
     from vistune_dapo.algorithm import DAPO
 
     trained = []  # the shaped rewards of the groups each step trains on
+    judged = []  # what the group filter saw
 
     class RecordingDAPO(DAPO):
+        def select_groups(self, rewards):
+            judged.append(rewards.clone())
+            return super().select_groups(rewards)
+
         def advantages(self, rewards):
             trained.append(rewards.clone())
             return super().advantages(rewards)
@@ -161,6 +166,8 @@ def test_dapo_refills_filtered_groups(tmp_path, text_data, tiny_llama, recorder,
     assert [tuple(rewards.shape) for rewards in trained] == [(2, 4), (2, 4)]
     assert all(float(row.max() - row.min()) > 0 for rewards in trained for row in rewards)
     assert "reward_shaped" in records[0]  # overlong shaping with a 2-token buffer of 6 moved some rewards
+    # ... but groups are filtered on the parity reward itself (0 or 1), as the paper filters on accuracy
+    assert all(set(rewards.unique().tolist()) <= {0.0, 1.0} for rewards in judged)
     assert records[0]["clip_fraction/high"] == 0.0  # on-policy: ratio 1
 
 

@@ -133,7 +133,8 @@ class RLAlgorithm(Protocol):
         return rewards
 
     def select_groups(self, rewards: Any) -> Any:
-        """``(G, n)`` shaped rewards -> ``(G,)`` bool, the groups to train on (default: all)."""
+        """``(G, n)`` rewards as the reward functions gave them (before shaping) -> ``(G,)`` bool,
+        the groups to train on (default: all)."""
         import torch
 
         return torch.ones(rewards.shape[0], dtype=torch.bool, device=rewards.device)

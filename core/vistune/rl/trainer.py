@@ -234,7 +234,8 @@ class RLTrainer(VistuneTrainer):
                 kl = torch.cat([self._sequence_kl(group) for group in groups])
             shaped = algorithm.shape_rewards(rewards, RolloutStats(lengths, truncated, self.max_completion_length, kl))
             shaped = shaped.reshape(len(groups), self.num_generations)
-            keep = algorithm.select_groups(shaped)
+            # groups are judged on what the reward functions said (DAPO filters on accuracy, not on shaping)
+            keep = algorithm.select_groups(rewards.reshape(len(groups), self.num_generations))
             for group, row, selected in zip(groups, shaped, keep.tolist()):
                 group.shaped = row
                 if selected:

@@ -392,7 +392,7 @@ def check_algorithm(spec: specs.Algorithm, config: Any):
     _fail_unless(tuple(shaped.shape) == (count,), spec, f"shape_rewards returned shape {tuple(shaped.shape)}, not ({count},)")
     _fail_unless(bool(torch.isnan(shaped[9])), spec, "shape_rewards turned the NaN of an unscored completion into a number")
     grouped = shaped.reshape(groups, per_group)
-    keep = algorithm.select_groups(grouped)
+    keep = algorithm.select_groups(rewards.reshape(groups, per_group))
     _fail_unless(tuple(keep.shape) == (groups,) and keep.dtype == torch.bool, spec,
                  f"select_groups must return ({groups},) bools, got {tuple(keep.shape)} {keep.dtype}")  # fmt: skip
     advantages = algorithm.advantages(grouped)
