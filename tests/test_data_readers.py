@@ -225,7 +225,7 @@ def test_skip_mode_counts_bad_records_and_reads_the_next_good_one(tmp_path):
     assert data.get(2) is None and data.get(0).source == f"{path}:1"
     assert data[4].source == f"{path}:1"  # wraps round
     assert data.skipped == 3
-    assert any(f"{path}:3: image 'gone.png' not found" in reason for reason in data.skipped_sources)
+    assert any(f"{path}:3: image 'gone.png' not found" in reason for reason in data.skipped_reasons)
     assert [s.source for s in data] == [f"{path}:1", f"{path}:4"]
     assert data.skipped == 3  # counted once each
     everything_bad = read_records_file(write_jsonl(tmp_path / "bad.jsonl", ["{", "}"]), on_bad_record="skip")

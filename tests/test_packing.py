@@ -234,6 +234,7 @@ def test_packed_batch_equals_samples_one_by_one(kind, attention, request):
 
 def test_without_resetting_positions_samples_would_mix(llava):
     """The check above can fail: one sample's logits change when positions run on across samples."""
+    pack_dataset([], 4096, llava, LLAVA, packed_attention=False)  # no KV cache, as the pipeline packs
     samples = llava_samples(llava)
     row = make_row(samples[:2])
     n0 = len(samples[0]["input_ids"])
@@ -266,6 +267,17 @@ def test_collate_pads_with_an_isolated_segment():
     aligned = collate_packed(rows)  # rounded up to a multiple of 8 by default
     assert aligned["input_ids"].shape == (2, 8)
     assert aligned["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+
+
+def test_segments_are_computed_again_for_a_new_shape():
+    """The per-forward segment cache of vistune_varlen must not hand one batch's segments to the next."""
+    from vistune.attention import _segments
+
+    assert _segments(None, None, 2, 8, torch.device("cpu")).cu_seqlens.tolist() == [0, 8, 16]
+    # without position ids or a mask, only the shape tells this forward pass from the last one
+    assert _segments(None, None, 1, 4, torch.device("cpu")).cu_seqlens.tolist() == [0, 4]
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    assert _segments(positions, None, 1, 5, torch.device("cpu")).cu_seqlens.tolist() == [0, 3, 5]
 
 
 def test_first_fit_decreasing_fills_bins():
@@ -319,6 +331,35 @@ def test_dropped_samples_are_skipped():
     assert sum(len(r["input_ids"]) for r in rows) == 8
 
 
+def test_samples_the_encoder_drops_are_left_out_not_replaced():
+    """An EncodedDataset stands the next sample in for a dropped one; packed, that sample would train twice."""
+    from vistune.data.encoded import EncodedDataset
+    from vistune.templates import Sample
+
+    class Encoder:
+        def encode(self, sample):
+            ids = [ord(c) for c in sample.messages[0]["content"]]
+            return None if len(ids) > 3 else {"input_ids": ids, "labels": ids}  # truncation: drop
+
+    texts = ["a", "too long", "b", "c"]
+    records = [Sample([{"role": "user", "content": text}], source=f"s:{i}") for i, text in enumerate(texts)]
+    encoded = EncodedDataset(records, Encoder())
+    rows = list(PackedDataset(encoded, 16, shuffle=False))
+    assert sorted(token for row in rows for token in row["input_ids"].tolist()) == [ord("a"), ord("b"), ord("c")]
+    assert encoded.dropped == 1
+    with pytest.raises(DataError, match="no sample of the dataset could be packed"):
+        list(PackedDataset(EncodedDataset(records[1:2], Encoder()), 16))
+
+
+def test_collate_tells_per_token_keys_by_each_rows_own_length():
+    """A 1-D per-image tensor in one row is not taken for a token sequence because another row has its length."""
+    text_only = make_row([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}])
+    with_videos = make_row([{"input_ids": [8, 9], "labels": [8, 9], "second_per_grid_ts": torch.tensor([1.0, 0.5, 2.0])}])
+    batch = collate_packed([text_only, with_videos], pad_to_multiple_of=1)
+    assert batch["second_per_grid_ts"].tolist() == [1.0, 0.5, 2.0]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+
+
 def test_sample_longer_than_a_row_is_an_error_naming_it():
     class Encoded(list):
         def source(self, index):
@@ -338,17 +379,19 @@ def test_model_types_without_packing_are_refused(llava):
 
 
 def test_trainer_keeps_packed_batches_whole(tmp_path):
-    """accelerate's batch dispatching would slice the image tensors of a packed batch; the overrides turn it off."""
+    """accelerate's batch dispatching would slice the image tensors of a packed batch; vistune's arguments turn it off."""
     from accelerate.data_loader import DataLoaderDispatcher
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
+    from vistune.config import build_config
+    from vistune.training.arguments import training_arguments
 
     class Tiny(torch.nn.Module):
         def forward(self, **batch):
             return {"loss": torch.zeros(())}
 
     samples = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "pixel_values": torch.zeros(2, 3, 4, 4)}] * 4
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=1,
-                             max_steps=1, remove_unused_columns=False, **trainer_overrides())  # fmt: skip
+    config = build_config({"task": "sft", "output_dir": str(tmp_path), "max_steps": 1, "packing": True}).config
+    args = training_arguments(config, "cpu", has_eval=False, **trainer_overrides())
     trainer = Trainer(
         model=Tiny(), args=args, train_dataset=PackedDataset(samples, 6, seed=0), data_collator=collate_packed
     )

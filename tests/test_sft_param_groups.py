@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 from vistune.config import build_config
 from vistune.specs import ModelType
-from vistune.training.param_groups import part_of, strip_wrappers
+from vistune.adapters.targets import part_of
 
 LLAVA = ModelType(
     "sft-test-llava", loader="transformers:AutoModelForImageTextToText", default_template="sft-test",
@@ -36,7 +36,9 @@ def _load(path):
 
 
 def test_wrapper_prefixes_are_stripped():
-    assert strip_wrappers("module.base_model.model.model.vision_tower.x") == "model.vision_tower.x"
+    assert part_of("module.base_model.model.model.vision_tower.x", LLAVA) == "vision_tower"
+    assert part_of("_orig_mod.model.multi_modal_projector.linear_1.weight", LLAVA) == "projector"
+    assert part_of("model.vision_tower.x", None) == "language_model"  # no model type: one part
     assert (
         part_of("base_model.model.model.multi_modal_projector.modules_to_save.default.linear_1.weight", LLAVA)
         == "projector"

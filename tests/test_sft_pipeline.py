@@ -311,6 +311,21 @@ def test_gradient_checkpointing_and_bf16_switches(tiny_llava, shapes, tmp_path, 
     assert losses(half) == pytest.approx(losses(plain), rel=2e-2) and losses(half) != losses(plain)
 
 
+def test_warmup_ratio_is_a_fraction_of_the_steps(tmp_path):
+    from vistune.config import build_config
+    from vistune.errors import ConfigError
+    from vistune.training.arguments import training_arguments
+
+    def arguments(ratio):
+        config = build_config({"task": "sft", "output_dir": str(tmp_path), "warmup_ratio": ratio}).config
+        return training_arguments(config, "cpu", has_eval=False)
+
+    assert arguments(0.25).get_warmup_steps(40) == 10  # the scheduler's own reading of the argument
+    # transformers would read 1.0 as one step: refused rather than warming up for 1 step of 40
+    with pytest.raises(ConfigError, match="warmup_ratio must be below 1"):
+        arguments(1.0)
+
+
 def test_liger_without_the_package_is_refused_before_loading(tiny_llava, shapes, tmp_path, monkeypatch, capsys,
                                                              llava_plugin):  # fmt: skip
     import importlib.util

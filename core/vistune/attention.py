@@ -69,17 +69,19 @@ class _Segments:
         self.max_length = int(counts.max())
 
 
-_last: tuple[Any, Any, _Segments] | None = None
+_last: tuple[Any, Any, tuple, _Segments] | None = None
 
 
 def _segments(position_ids, attention_mask, batch, length, device) -> _Segments:
     """The segments of this forward pass (the same tensors reach every layer, so one computation serves all)."""
     global _last
-    if _last is not None and _last[0] is position_ids and _last[1] is attention_mask:
-        return _last[2]
+    shape = (batch, length, device)
+    if _last is not None and _last[0] is position_ids and _last[1] is attention_mask and _last[2] == shape:
+        return _last[3]
     segments = _Segments(position_ids, attention_mask, batch, length, device)
-    # holding the tensors keeps their identity unique while they are the cache key
-    _last = (position_ids, attention_mask, segments)
+    # Holding the tensors keeps their identity unique while they are the cache key; the shape
+    # tells forward passes apart when neither tensor is given (both None).
+    _last = (position_ids, attention_mask, shape, segments)
     return segments
 
 

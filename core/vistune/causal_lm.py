@@ -17,8 +17,7 @@ from vistune.models import LoadOptions
 
 DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32", "bf16": "bfloat16",
-           "fp16": "float16"}  # fmt: skip
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_device(device: str) -> str:
@@ -47,7 +46,7 @@ def resolve_dtype(dtype: str, device: str) -> Any:
         return torch.float32
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return getattr(torch, _DTYPES[dtype])
+    return getattr(torch, dtype)
 
 
 def _cuda_device_map() -> dict[str, int]:
@@ -106,18 +105,28 @@ def pretrained_kwargs(options: LoadOptions, *, keep_full_precision: Sequence[str
     return kwargs
 
 
+def disable_cache(model: Any) -> None:
+    """``use_cache = False`` on the model's config and on its language model's sub-config.
+
+    With a cache, transformers builds the plain causal mask and packed samples would see
+    each other.  Generation is unaffected: ``generate`` reads its own generation config.
+    """
+    config = getattr(model, "config", None)
+    sub_configs = (getattr(config, attr, None) for attr in ("text_config", "language_config", "llm_config"))
+    for cfg in (config, *sub_configs):
+        if cfg is not None:
+            cfg.use_cache = False
+
+
 def prepare_loaded_model(model: Any, options: LoadOptions) -> Any:
     """What every loader does after ``from_pretrained``: eval mode, or training set-up.
 
     Training turns the KV cache off (it is useless there and breaks packed sequences) and
-    makes the input embeddings require grads, which gradient checkpointing on a frozen
-    base model needs.
+    makes the input embeddings require grads, which reentrant gradient checkpointing on a
+    frozen base model needs.
     """
     if options.for_training:
-        model.config.use_cache = False
-        text_config = getattr(model.config, "text_config", None)
-        if text_config is not None:
-            text_config.use_cache = False
+        disable_cache(model)
         model.enable_input_require_grads()
     else:
         model.eval()

@@ -170,10 +170,9 @@ def _clip_vision_config():
                             image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)  # fmt: skip
 
 
-def _llava_config(tokenizer):
-    from transformers import LlavaConfig
-
-    return LlavaConfig(
+def _llava_config_kwargs(tokenizer) -> dict:
+    """The fields Llava-1.5 and Llava-NeXT share: a CLIP tower and a Llama language model."""
+    return dict(
         vision_config=_clip_vision_config(),
         text_config=_llama_config(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -181,6 +180,12 @@ def _llava_config(tokenizer):
         vision_feature_select_strategy="default",  # drop CLS, as llava-1.5 does
         vision_feature_layer=-2,
     )
+
+
+def _llava_config(tokenizer):
+    from transformers import LlavaConfig
+
+    return LlavaConfig(**_llava_config_kwargs(tokenizer))
 
 
 #: Llava-NeXT's "anyres" tiling: an image is resized to the best of these (height, width) and cut into
@@ -191,15 +196,7 @@ GRID_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 def _llava_next_config(tokenizer):
     from transformers import LlavaNextConfig
 
-    return LlavaNextConfig(
-        vision_config=_clip_vision_config(),
-        text_config=_llama_config(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_grid_pinpoints=GRID_PINPOINTS,
-    )
+    return LlavaNextConfig(**_llava_config_kwargs(tokenizer), image_grid_pinpoints=GRID_PINPOINTS)
 
 
 # mrope splits each head's 16 rotary frequency pairs between time, height and width, 2:3:3 as in the
@@ -259,32 +256,26 @@ def _clip_image_processor_kwargs() -> dict:
     return dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
+def _llava_processor_kwargs(tokenizer) -> dict:
+    # (32 / 8)^2 patches + 1 CLS - 1 CLS dropped by the "default" strategy = 16 <image> tokens per image
+    # (per tile for Llava-NeXT).
+    return dict(tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+                num_additional_image_tokens=1)  # fmt: skip
+
+
 def _llava_processor(tokenizer):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    # (32 / 8)^2 patches + 1 CLS - 1 CLS dropped by the "default" strategy = 16 <image> tokens per image.
-    return LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(**_clip_image_processor_kwargs()),
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATES["llava"],
-    )
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil(**_clip_image_processor_kwargs()),
+                          chat_template=CHAT_TEMPLATES["llava"], **_llava_processor_kwargs(tokenizer))  # fmt: skip
 
 
 def _llava_next_processor(tokenizer):
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
     image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=GRID_PINPOINTS, **_clip_image_processor_kwargs())
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATES["llava-next"],
-    )
+    return LlavaNextProcessor(image_processor=image_processor, chat_template=CHAT_TEMPLATES["llava-next"],
+                              **_llava_processor_kwargs(tokenizer))  # fmt: skip
 
 
 def _qwen_image_processor():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vistune.adapters.lora import is_kbit
 from vistune.adapters.targets import PARTS, frozen_parts, part_of
 from vistune.errors import ConfigError
 
@@ -13,7 +14,7 @@ def set_trainable_parts(model: Any, model_type: Any, config: Any) -> dict[str, i
 
     :returns: the number of trainable parameters per part.
     """
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    if is_kbit(model):
         raise ConfigError(
             f"adapter {config.adapter} updates the base weights, which cannot be trained in a quantized model",
             hint="set quantization: none, or use adapter: qlora to train LoRA on the quantized model",

@@ -38,8 +38,8 @@ def lora_config(model: Any, model_type: Any, config: Any, *, use_dora: bool = Fa
 def _apply(model: Any, model_type: Any, config: Any, *, use_dora: bool) -> Any:
     from peft import get_peft_model
 
-    if _is_kbit(model):
-        _prepare_kbit(model, config)
+    if is_kbit(model):
+        _upcast_float16_weights(model, config)
     peft_config = lora_config(model, model_type, config, use_dora=use_dora)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -76,7 +76,7 @@ def apply_qlora(model: Any, model_type: Any, config: Any) -> Any:
             "adapter qlora needs a CUDA GPU (bitsandbytes 4-bit kernels), and this machine has none",
             hint="run on a machine with an NVIDIA GPU, or use adapter: lora",
         )
-    if not _is_kbit(model):
+    if not is_kbit(model):
         raise ConfigError(
             "adapter qlora trains LoRA on a 4-bit base model, but the model was not loaded quantized",
             hint="set quantization: nf4 (or q4_k_m) next to adapter: qlora",
@@ -91,11 +91,12 @@ def merge_lora(model: Any) -> Any:
     return model
 
 
-def _is_kbit(model: Any) -> bool:
+def is_kbit(model: Any) -> bool:
+    """Whether bitsandbytes quantized the model's base weights (4 or 8 bits) when it loaded."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def _prepare_kbit(model: Any, config: Any) -> None:
+def _upcast_float16_weights(model: Any, config: Any) -> None:
     """Float16 training keeps the weights that are not quantized in float32 (bfloat16 needs no upcast)."""
     import torch
 

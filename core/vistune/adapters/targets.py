@@ -22,21 +22,37 @@ PARTS = ("vision_tower", "projector", "language_model")
 #: vocabulary projection costs a lot of memory for little gain.
 OUTPUT_LAYERS = ("lm_head", "embed_out", "output")
 
+#: Name prefixes that wrappers add in front of the plain model's names: DDP's, peft's, torch.compile's.
+WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
+
 
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def part_of(name: str, model_type: Any, *, strict: bool = False) -> str | None:
-    """The part that owns module or parameter ``name`` (of the unwrapped model).
+def _strip_wrappers(name: str) -> str:
+    unwrapped = None
+    while unwrapped != name:  # wrappers nest (DDP around peft): strip until nothing changes
+        unwrapped = name
+        for prefix in WRAPPER_PREFIXES:
+            name = name.removeprefix(prefix)
+    return name
 
-    The longest matching prefix wins, so a projector nested inside the vision tower
-    (Qwen2-VL's ``model.visual.merger`` inside ``model.visual``) counts as the projector.
-    Names under no prefix belong to the language model, as in
-    :func:`vistune.training.param_groups.part_of`; with ``strict`` they belong to no
-    part when the model type names its language model's prefixes (LoRA targets are
-    looked for only under a named prefix).
+
+def part_of(name: str, model_type: Any, *, strict: bool = False) -> str | None:
+    """The part that owns module or parameter ``name``, of the plain or a wrapped model.
+
+    Wrapper prefixes (:data:`WRAPPER_PREFIXES`) are skipped, so the model type's prefixes
+    apply whatever the adapter.  The longest matching prefix wins, so a projector nested
+    inside the vision tower (Qwen2-VL's ``model.visual.merger`` inside ``model.visual``)
+    counts as the projector.  Names under no prefix, and every name when there is no
+    model type, belong to the language model; with ``strict`` they belong to no part
+    when the model type names its language model's prefixes (LoRA targets are looked for
+    only under a named prefix).
     """
+    if model_type is None:
+        return "language_model"
+    name = _strip_wrappers(name)
     best, best_len = None, -1
     for part in PARTS:
         for prefix in getattr(model_type, part):
@@ -49,15 +65,10 @@ def part_of(name: str, model_type: Any, *, strict: bool = False) -> str | None:
 
 def _linear_types() -> tuple[type, ...]:
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    types: list[type] = [torch.nn.Linear]
-    try:  # quantized linears (QLoRA) are nn.Linear subclasses already; Conv1D (GPT-2) is not
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+    # quantized linears (QLoRA) are nn.Linear subclasses already; GPT-2's Conv1D is not
+    return (torch.nn.Linear, Conv1D)
 
 
 def _matches_target(name: str, target: str) -> bool:

@@ -42,6 +42,32 @@ def pad_tensors(tensors: Sequence[Any]) -> Any:
     return torch.cat(padded, dim=0)
 
 
+def is_token_sequence(value: Any, length: int) -> bool:
+    """Whether ``value`` has one entry per token of a ``length``-token sample: a flat list or a 1-D tensor."""
+    if isinstance(value, list):
+        return len(value) == length and not (value and isinstance(value[0], (list, tuple)))
+    return callable(getattr(value, "dim", None)) and value.dim() == 1 and len(value) == length
+
+
+def padded_length(lengths: Sequence[int], multiple: int | None) -> int:
+    """The longest of ``lengths``, rounded up to a multiple of ``multiple`` (when given)."""
+    length = max(lengths)
+    if multiple:
+        length = -(-length // multiple) * multiple
+    return length
+
+
+def pad_sequences(sequences: Sequence[Any], length: int, pad: int) -> Any:
+    """A (len(sequences), length) long tensor: each sequence on the left, ``pad`` after it."""
+    import torch
+
+    out = torch.full((len(sequences), length), pad, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        sequence = torch.as_tensor(sequence, dtype=torch.long)
+        out[row, : len(sequence)] = sequence
+    return out
+
+
 class Collator:
     """``collator(list_of_encoded_samples) -> batch dict of tensors``, for ``transformers.Trainer``.
 
@@ -59,51 +85,22 @@ class Collator:
         if not features:
             raise ValueError("cannot collate an empty batch")
         lengths = [len(f["input_ids"]) for f in features]
-        length = max(lengths)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = padded_length(lengths, self.pad_to_multiple_of)
         batch: dict[str, Any] = {}
         keys = list(dict.fromkeys(k for f in features for k in f))
         for key in keys:
             values = [f[key] for f in features if f.get(key) is not None]
             if not values:
                 continue
-            if self._is_token_sequence(key, features, lengths):
+            if key in ("input_ids", "labels", "attention_mask") or all(
+                is_token_sequence(f.get(key), n) for f, n in zip(features, lengths)
+            ):
                 pad = self.pad_token_id if key == "input_ids" else SEQUENCE_PAD.get(key, 0)
-                batch[key] = self._pad_sequences([f[key] for f in features], length, pad)
+                batch[key] = pad_sequences([f[key] for f in features], length, pad)
             elif isinstance(values[0], torch.Tensor) or hasattr(values[0], "__array__"):
                 batch[key] = pad_tensors(values)
             else:
                 batch[key] = torch.as_tensor(values)
         if "attention_mask" not in batch:
-            mask = torch.zeros((len(features), length), dtype=torch.long)
-            for row, n in enumerate(lengths):
-                mask[row, :n] = 1
-            batch["attention_mask"] = mask
+            batch["attention_mask"] = pad_sequences([[1] * n for n in lengths], length, 0)
         return batch
-
-    @staticmethod
-    def _is_token_sequence(key: str, features: Sequence[dict[str, Any]], lengths: list[int]) -> bool:
-        """A value with one entry per token of its sample (input_ids, labels, masks, token types)."""
-        if key in ("input_ids", "labels", "attention_mask"):
-            return True
-        for feature, n in zip(features, lengths):
-            value = feature.get(key)
-            if value is None:
-                return False
-            if isinstance(value, list):
-                if len(value) != n or (value and isinstance(value[0], list)):
-                    return False
-            elif getattr(value, "dim", lambda: 0)() != 1 or len(value) != n:
-                return False
-        return True
-
-    @staticmethod
-    def _pad_sequences(sequences: Sequence[Any], length: int, pad: int) -> Any:
-        import torch
-
-        out = torch.full((len(sequences), length), pad, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            seq = torch.as_tensor(seq, dtype=torch.long)
-            out[row, : len(seq)] = seq
-        return out

@@ -16,10 +16,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from vistune.data.readers import SKIPPED_REASONS_KEPT
 from vistune.errors import DataError
 from vistune.templates import Encoder, Sample
-
-_REASONS_KEPT = 100
 
 
 class EncodedDataset(Dataset):
@@ -36,14 +35,14 @@ class EncodedDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[Sample], encoder: Encoder, *, on_bad_record: str | None = None):
-        self.samples = records
+        self.records = records
         self.encoder = encoder
         self.on_bad_record = on_bad_record or getattr(records, "on_bad_record", "error")
         self._dropped: set[int] = set()
         self._rejected: dict[int, str] = {}
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.records)
 
     @property
     def dropped(self) -> int:
@@ -53,26 +52,27 @@ class EncodedDataset(Dataset):
     @property
     def skipped(self) -> int:
         """Bad records met so far: skipped by the reader or rejected by the encoder."""
-        return len(self._rejected) + getattr(self.samples, "skipped", 0)
+        return len(self._rejected) + getattr(self.records, "skipped", 0)
 
     @property
     def skipped_reasons(self) -> list[str]:
-        reasons = list(getattr(self.samples, "skipped_sources", []))
-        return (reasons + list(self._rejected.values()))[:_REASONS_KEPT]
+        """Why the first bad records were skipped (``file:line: reason``)."""
+        reasons = list(getattr(self.records, "skipped_reasons", []))
+        return (reasons + list(self._rejected.values()))[:SKIPPED_REASONS_KEPT]
 
     def source(self, index: int) -> str:
         """Where sample ``index`` comes from (``file:line``), for error messages."""
-        source = getattr(self.samples, "source", None)
+        source = getattr(self.records, "source", None)
         if callable(source):
             return source(index)
-        return getattr(self.samples[index], "source", "") or f"sample {index}"
+        return getattr(self.records[index], "source", "") or f"sample {index}"
 
     def get(self, index: int) -> dict[str, Any] | None:
         """The encoding of sample ``index``; ``None`` if it is dropped or (when skipping) bad."""
         if index in self._dropped or index in self._rejected:
             return None
-        get_record = getattr(self.samples, "get", None)
-        sample = get_record(index) if callable(get_record) else self.samples[index]
+        get_record = getattr(self.records, "get", None)
+        sample = get_record(index) if callable(get_record) else self.records[index]
         if sample is None:  # a bad record the reader skipped (and counted)
             return None
         try:

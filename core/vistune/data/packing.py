@@ -39,13 +39,14 @@ from __future__ import annotations
 import inspect
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
-from vistune.data.collate import pad_tensors
+from vistune.causal_lm import disable_cache
+from vistune.data.collate import is_token_sequence, pad_sequences, pad_tensors, padded_length
 from vistune.errors import DataError, VistuneError
 from vistune.templates import IGNORE_INDEX
 
@@ -69,10 +70,6 @@ def _find_rope_index(model: Any) -> Callable | None:
         if callable(fn):
             return fn
     return None
-
-
-def _model_config(model: Any) -> Any:
-    return getattr(model, "config", None)
 
 
 def _modality_token_ids(config: Any) -> dict[int, int]:
@@ -119,7 +116,7 @@ def position_function(model: Any) -> PositionFn | None:
     rope_index = _find_rope_index(model)
     if rope_index is None:
         return None
-    return MropePositions(rope_index, _modality_token_ids(_model_config(model)))
+    return MropePositions(rope_index, _modality_token_ids(getattr(model, "config", None)))
 
 
 # -- rows ------------------------------------------------------------------------------
@@ -146,13 +143,6 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def _is_token_sequence(value: Any, n: int) -> bool:
-    if isinstance(value, list):
-        return len(value) == n and (not value or not isinstance(value[0], (list, tuple)))
-    dim = getattr(value, "dim", None)
-    return callable(dim) and value.dim() == 1 and len(value) == n
-
-
 def make_row(samples: Sequence[dict[str, Any]], positions: PositionFn | None = None) -> dict[str, Any]:
     """Concatenate encoded samples into one packed row.
 
@@ -169,7 +159,7 @@ def make_row(samples: Sequence[dict[str, Any]], positions: PositionFn | None = N
         for key, value in sample.items():
             if key in RECOMPUTED or value is None:
                 continue
-            if key in TOKEN_KEYS or _is_token_sequence(value, n):
+            if key in TOKEN_KEYS or is_token_sequence(value, n):
                 tensor = torch.as_tensor(value, dtype=torch.long).reshape(-1)
                 if key == "labels":
                     tensor = tensor.clone()
@@ -202,21 +192,16 @@ def collate_packed(rows: Sequence[dict[str, Any]], pad_to_multiple_of: int = PAD
     """
     if not rows:
         raise ValueError("cannot collate an empty batch")
-    length = max(len(row["input_ids"]) for row in rows)
-    if pad_to_multiple_of > 1:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    length = padded_length([len(row["input_ids"]) for row in rows], pad_to_multiple_of)
     batch: dict[str, Any] = {}
     keys = list(dict.fromkeys(k for row in rows for k in row))
     for key in keys:
         values = [row[key] for row in rows if row.get(key) is not None]
         if key == "position_ids":
             batch[key] = _pad_positions(values, length)
-        elif key in TOKEN_KEYS or all(_is_token_sequence(v, len(r["input_ids"])) for v, r in zip(values, rows)):
+        elif key in TOKEN_KEYS or all(is_token_sequence(row.get(key), len(row["input_ids"])) for row in rows):
             pad = {"input_ids": PAD_TOKEN_ID, "labels": IGNORE_INDEX}.get(key, 0)
-            out = torch.full((len(rows), length), pad, dtype=torch.long)
-            for i, row in enumerate(rows):
-                out[i, : len(row[key])] = torch.as_tensor(row[key])
-            batch[key] = out
+            batch[key] = pad_sequences([row[key] for row in rows], length, pad)
         else:
             batch[key] = pad_tensors(values)
     return batch
@@ -231,8 +216,7 @@ def _pad_positions(values: Sequence[Any], length: int):
             tail = torch.arange(extra, dtype=torch.long).expand(*pos.shape[:-1], extra)
             pos = torch.cat([pos, tail], dim=-1)
         padded.append(pos)
-    stacked = torch.stack(padded, dim=-2)  # (batch, length) or (4, batch, length)
-    return stacked
+    return torch.stack(padded, dim=-2)  # (batch, length) or (4, batch, length)
 
 
 # -- the dataset -----------------------------------------------------------------------
@@ -240,24 +224,43 @@ def _pad_positions(values: Sequence[Any], length: int):
 
 def _describe(encoded: Any, index: int) -> str:
     source = getattr(encoded, "source", None)
-    if callable(source):
-        try:
-            return f"sample {index} ({source(index)})"
-        except Exception:  # noqa: BLE001 - the description is best effort
-            pass
-    samples = getattr(encoded, "samples", None)
-    try:
-        where = getattr(samples[index], "source", "") if samples is not None else ""
-    except (TypeError, IndexError, KeyError):
-        where = ""
-    return f"sample {index}" + (f" ({where})" if where else "")
+    return f"sample {index} ({source(index)})" if callable(source) else f"sample {index}"
+
+
+def _rows(items: Iterable[Any], length: Callable[[Any], int], capacity: int, buffer_size: int,
+          rng: random.Random) -> Iterator[list[Any]]:  # fmt: skip
+    """Group a stream of items into rows of total ``length`` at most ``capacity``, a buffer at a time.
+
+    A full buffer is packed first-fit-decreasing; the emptiest row's items are held back
+    to share a row with the next buffer's (rows stay full), the other rows come out in a
+    shuffled order.  Each row keeps its items in stream order.
+    """
+    buffer: list[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) < buffer_size:
+            continue
+        bins = first_fit_decreasing([length(x) for x in buffer], capacity)
+        held: list[int] = []
+        if len(bins) > 1:
+            held = bins.pop(min(range(len(bins)), key=lambda b: sum(length(buffer[i]) for i in bins[b])))
+        rng.shuffle(bins)
+        yield from ([buffer[i] for i in sorted(b)] for b in bins)
+        buffer = [buffer[i] for i in held]
+    if buffer:
+        bins = first_fit_decreasing([length(x) for x in buffer], capacity)
+        rng.shuffle(bins)
+        yield from ([buffer[i] for i in sorted(b)] for b in bins)
 
 
 class PackedDataset(IterableDataset):
     """Packed rows of an encoded dataset, formed on the fly while training reads them.
 
-    :param encoded: map-style dataset of encoded samples (``None`` entries are skipped);
-        an optional ``source(index) -> str`` names a sample in errors.
+    :param encoded: the encoded samples by index: a
+        :class:`vistune.data.encoded.EncodedDataset`, read through its ``get`` so that
+        dropped and bad samples are left out (its ``[]`` would stand the next sample in,
+        which would then be packed twice), or a list (``None`` entries are left out).  An
+        optional ``source(index) -> str`` names a sample in errors.
     :param max_packed_length: most tokens per row.
     :param positions: per-sample mrope positions (see :func:`position_function`).
     :param buffer_size: samples packed together; larger packs tighter and holds more
@@ -300,7 +303,9 @@ class PackedDataset(IterableDataset):
         return indices
 
     def _checked(self, index: int) -> dict[str, Any] | None:
-        sample = self.encoded[index]
+        """Sample ``index``, or ``None`` when it is left out; an error when it cannot fit in a row."""
+        get = getattr(self.encoded, "get", None)
+        sample = get(index) if callable(get) else self.encoded[index]
         if sample is None:
             return None
         n = sample_length(sample)
@@ -313,37 +318,28 @@ class PackedDataset(IterableDataset):
             )
         return sample
 
-    def _pack(self, buffer: list[dict[str, Any]], rng: random.Random, *, flush: bool):
-        """Rows from the buffer; unless flushing, the emptiest row's samples stay for the next round."""
-        bins = first_fit_decreasing([sample_length(s) for s in buffer], self.max_packed_length)
-        keep: list[dict[str, Any]] = []
-        if not flush and len(bins) > 1:
-            emptiest = min(range(len(bins)), key=lambda b: sum(sample_length(buffer[i]) for i in bins[b]))
-            keep = [buffer[i] for i in bins.pop(emptiest)]
-        rng.shuffle(bins)
-        rows = [[buffer[i] for i in sorted(b)] for b in bins]
-        return rows, keep
+    def _samples(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
+        for index in indices:
+            sample = self._checked(index)
+            if sample is not None:
+                yield sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         order = self.order(self.epoch)
-        worker = _worker_info()
+        worker = get_worker_info()
         if worker is not None:
             order = order[worker.id :: worker.num_workers]
         rng = random.Random(self.seed * 7919 + self.epoch)
-        buffer: list[dict[str, Any]] = []
-        for index in order:
-            sample = self._checked(index)
-            if sample is None:
-                continue
-            buffer.append(sample)
-            if len(buffer) >= self.buffer_size:
-                rows, buffer = self._pack(buffer, rng, flush=False)
-                for samples in rows:
-                    yield make_row(samples, self.positions)
-        if buffer:
-            rows, _ = self._pack(buffer, rng, flush=True)
-            for samples in rows:
-                yield make_row(samples, self.positions)
+        rows = 0
+        for samples in _rows(self._samples(order), sample_length, self.max_packed_length, self.buffer_size, rng):
+            rows += 1
+            yield make_row(samples, self.positions)
+        if order and not rows and worker is None:
+            # an empty epoch would leave the Trainer nothing to step on
+            raise DataError(
+                f"no sample of the dataset could be packed: all {len(order)} were dropped or bad",
+                hint="raise max_length, or check the records",
+            )
 
     def __len__(self) -> int:
         """Estimated rows per epoch: probe lengths, packed the way :meth:`__iter__` packs them."""
@@ -355,49 +351,19 @@ class PackedDataset(IterableDataset):
         total = len(self.encoded)
         if total == 0:
             return 0
-        order = self.order(0)
-        lengths = []
-        for index in order[: min(total, self.probe)]:
-            sample = self._checked(index)
-            if sample is not None:
-                lengths.append(sample_length(sample))
+        probed = self.order(0)[: min(total, self.probe)]
+        lengths = [sample_length(sample) for sample in self._samples(probed)]
         if not lengths:
             return 1
-        kept = len(lengths) / min(total, self.probe)
-        n = int(round(total * kept))
+        n = int(round(total * len(lengths) / len(probed)))  # the samples an epoch keeps
         if n <= len(lengths) * 4:
             simulated = [lengths[i % len(lengths)] for i in range(n)]
         else:  # a bootstrap sample of the probe, as long as the epoch (capped: it is only an estimate)
             rng = random.Random(self.seed)
             simulated = [rng.choice(lengths) for _ in range(min(n, 20_000))]
-        rows = _simulate_rows(simulated, self.max_packed_length, self.buffer_size)
+        packed = _rows(simulated, lambda length: length, self.max_packed_length, self.buffer_size, random.Random(0))
+        rows = sum(1 for _ in packed)
         return max(1, math.ceil(rows * n / len(simulated)))
-
-
-def _simulate_rows(lengths: Sequence[int], capacity: int, buffer_size: int) -> int:
-    """Rows the streaming packer makes from ``lengths`` (same keep-the-emptiest rule as ``_pack``)."""
-    rows = 0
-    buffer: list[int] = []
-    for n in lengths:
-        buffer.append(n)
-        if len(buffer) >= buffer_size:
-            bins = first_fit_decreasing(buffer, capacity)
-            if len(bins) > 1:
-                emptiest = min(range(len(bins)), key=lambda b: sum(buffer[i] for i in bins[b]))
-                kept = [buffer[i] for i in bins.pop(emptiest)]
-            else:
-                kept = []
-            rows += len(bins)
-            buffer = kept
-    if buffer:
-        rows += len(first_fit_decreasing(buffer, capacity))
-    return rows
-
-
-def _worker_info():
-    from torch.utils.data import get_worker_info
-
-    return get_worker_info()
 
 
 def pack_dataset(
@@ -418,7 +384,7 @@ def pack_dataset(
     if model_type is not None and not model_type.supports_packing:
         raise VistuneError(f"model type {model_type.name} cannot isolate packed samples from each other",
                            hint="set packing: false")  # fmt: skip
-    config = _model_config(model)
+    config = getattr(model, "config", None)
     if PAD_TOKEN_ID in _modality_token_ids(config) or PAD_TOKEN_ID in _modality_token_ids(
         getattr(config, "text_config", None)
     ):
@@ -436,31 +402,9 @@ def pack_dataset(
 def trainer_overrides() -> dict[str, Any]:
     """``TrainingArguments`` keywords a packed run needs (the SFT pipeline merges them in).
 
-    ``dispatch_batches: False``: for an iterable dataset accelerate otherwise fetches
-    batches on one process and slices every tensor along dimension 0 for each process,
-    which cuts image tensors (one entry per image, not per row) and mrope positions
-    (batch on dimension 1).  Without dispatching, each process iterates the rows and
-    keeps its share of them.  Token counting counts every token: packed batches have
-    no attention mask to tell padding apart, and hold almost none.
+    Token counting counts every token: packed batches have no attention mask to tell
+    padding apart, and hold almost none.  That each process keeps its batches whole
+    (``dispatch_batches: False``) is set for every run by
+    :func:`vistune.training.arguments.training_arguments`.
     """
-    return {"accelerator_config": {"dispatch_batches": False}, "include_num_input_tokens_seen": "all"}
-
-
-def disable_cache(model: Any) -> None:
-    """``use_cache = False`` on the model's config and its sub-configs that have the field.
-
-    With a cache, transformers builds the plain causal mask and packed samples would see
-    each other.  Generation is unaffected: ``generate`` reads its own generation config.
-    """
-    config = _model_config(model)
-    seen = set()
-    stack = [config]
-    while stack:
-        cfg = stack.pop()
-        if cfg is None or id(cfg) in seen:
-            continue
-        seen.add(id(cfg))
-        if hasattr(cfg, "use_cache"):
-            cfg.use_cache = False
-        for attr in ("text_config", "language_config", "llm_config"):
-            stack.append(getattr(cfg, attr, None))
+    return {"include_num_input_tokens_seen": "all"}

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vistune.chat_template import ROLES
 from vistune.data.locate import DatasetLocation
 from vistune.errors import DataError
 from vistune.templates import IMAGE_TAG, Sample
@@ -45,15 +46,14 @@ from vistune.templates import IMAGE_TAG, Sample
 FORMATS = ("messages", "llava-instruct", "hf-disk")
 ON_BAD_RECORD = ("error", "skip")
 
-ROLES = ("system", "user", "assistant")
 #: Role names of other conversation formats (ShareGPT, LLaVA), mapped to vistune's.
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 
 REMOTE_PREFIXES = ("http://", "https://")
 _REMOTE_TIMEOUT_S = 30
 _WHITESPACE = re.compile(r"\s*")
-#: How many skipped records are remembered by name (the count has no limit).
-_SKIPPED_NAMES_KEPT = 100
+#: How many skipped records keep their reason (the count has no limit).
+SKIPPED_REASONS_KEPT = 100
 
 
 # -- images ------------------------------------------------------------------------
@@ -353,7 +353,7 @@ def llava_instruct_sample(record: dict, where: str) -> tuple[list[dict[str, str]
 def _record_format(record: Any, where: str, declared: str | None) -> Callable:
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    if declared == "messages" or (declared not in ("llava-instruct",) and "messages" in record):
+    if declared == "messages" or (declared != "llava-instruct" and "messages" in record):
         return messages_sample
     if declared == "llava-instruct" or "conversations" in record:
         return llava_instruct_sample
@@ -369,7 +369,7 @@ class RecordDataset(Sequence):
 
     ``len()`` counts records (after ``max_samples``), not good records: a bad record is
     only found when it is read.  With ``on_bad_record="skip"`` reading a bad record
-    counts it (:attr:`skipped`, :attr:`skipped_sources`) and returns the next good one
+    counts it (:attr:`skipped`, :attr:`skipped_reasons`) and returns the next good one
     (wrapping round), so every index yields a sample.  Counts are per process (each
     DataLoader worker keeps its own).
     """
@@ -409,9 +409,9 @@ class RecordDataset(Sequence):
         return len(self._bad)
 
     @property
-    def skipped_sources(self) -> list[str]:
+    def skipped_reasons(self) -> list[str]:
         """Why the first skipped records were skipped (``file:line: reason``)."""
-        return list(self._bad.values())[:_SKIPPED_NAMES_KEPT]
+        return list(self._bad.values())[:SKIPPED_REASONS_KEPT]
 
     def source(self, index: int) -> str:
         """Where record ``index`` comes from: ``file:line`` (``dir row N`` for datasets directories)."""
@@ -465,7 +465,7 @@ class RecordDataset(Sequence):
             sample = self.get((index + offset) % self._length)
             if sample is not None:
                 return sample
-        raise DataError(f"{self.path}: every record is bad ({self.skipped} skipped); first: {self.skipped_sources[0]}")
+        raise DataError(f"{self.path}: every record is bad ({self.skipped} skipped); first: {self.skipped_reasons[0]}")
 
     def __iter__(self):
         # Sequence's default iteration would substitute bad records; iterate good records once each.

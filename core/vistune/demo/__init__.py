@@ -15,7 +15,6 @@ confident; training every weight learns the task in a couple of thousand steps.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -167,16 +166,15 @@ def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     def fmt(value):
         return "-" if value is None else f"{value:.3f}"
 
-    out = sys.stdout
-    print(file=out)
-    print(f"caption loss (held-out)  {fmt(summary['eval_loss_start'])} -> {fmt(summary['eval_loss_end'])}", file=out)
-    print(f"training loss            {fmt(summary['train_loss_start'])} -> {fmt(summary['train_loss_end'])}", file=out)
+    print()
+    print(f"caption loss (held-out)  {fmt(summary['eval_loss_start'])} -> {fmt(summary['eval_loss_end'])}")
+    print(f"training loss            {fmt(summary['train_loss_start'])} -> {fmt(summary['train_loss_end'])}")
     print(f"held-out exact match     {summary['held_out_correct']}/{summary['held_out_total']}"
-          f" ({100 * (summary['held_out_accuracy'] or 0):.0f}%)", file=out)  # fmt: skip
+          f" ({100 * (summary['held_out_accuracy'] or 0):.0f}%)")  # fmt: skip
     shown = summary["examples"][:5] + [m for m in summary["mistakes"][:5] if m not in summary["examples"][:5]]
     for example in shown:
         mark = "ok " if example["correct"] else "BAD"
-        print(f"  {mark} {example['reference']!r:24} -> {example['prediction']!r}", file=out)
-    print(f"wall time                {summary['wall_time_s']:.0f} s ({summary['steps']} steps)", file=out)
-    print(f"summary                  {output_dir / 'demo_summary.json'}", file=out)
-    print(f"loss curve               {summary['loss_curve']}", file=out)
+        print(f"  {mark} {example['reference']!r:24} -> {example['prediction']!r}")
+    print(f"wall time                {summary['wall_time_s']:.0f} s ({summary['steps']} steps)")
+    print(f"summary                  {output_dir / 'demo_summary.json'}")
+    print(f"loss curve               {summary['loss_curve']}")

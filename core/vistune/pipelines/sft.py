@@ -28,8 +28,6 @@ def run(plan: Plan) -> None:
     )
     if launch.is_main_process():
         checkpoints.remove_stale_staging(config.output_dir)  # a crashed save's leftovers
-    if config.packing:
-        _packing_functions()  # fail now, not after the model has loaded
     for location in (plan.dataset, plan.eval_dataset):
         if location is not None:
             ensure_built(location)
@@ -70,11 +68,13 @@ def build_trainer(plan: Plan):
         eval_dataset = MemoryCachedDataset(eval_dataset) if eval_dataset is not None else None
     overrides = adapter_trainer_overrides(plan)
     if config.packing:
-        pack_dataset, collator, packing_overrides = _packing_functions()
-        train_dataset = pack_dataset(train_dataset, config.max_packed_length, model, plan.model_type)
+        from vistune.data import packing
+
+        train_dataset = packing.pack_dataset(train_dataset, config.max_packed_length, model, plan.model_type)
         if eval_dataset is not None:
-            eval_dataset = pack_dataset(eval_dataset, config.max_packed_length, model, plan.model_type)
-        overrides = {**packing_overrides(), **overrides}
+            eval_dataset = packing.pack_dataset(eval_dataset, config.max_packed_length, model, plan.model_type)
+        collator = packing.collate_packed
+        overrides = {**packing.trainer_overrides(), **overrides}
     else:
         collator = Collator(pad_token_id(processor))
     model = loading.apply_adapter(plan, model)
@@ -82,8 +82,7 @@ def build_trainer(plan: Plan):
         from vistune.training.compile import compile_blocks
 
         compile_blocks(model)
-    device = plan.launch.device if plan.launch else ("cuda" if _cuda() else "cpu")
-    args = training_arguments(config, device, has_eval=eval_dataset is not None, **overrides)
+    args = training_arguments(config, plan.launch.device, has_eval=eval_dataset is not None, **overrides)
     trainer = VistuneTrainer(
         model=model,
         args=args,
@@ -209,20 +208,3 @@ def save_final(trainer, processor, plan: Plan) -> Path:
         os.replace(tmp, output_dir / RUN_FILE)
         fire_checkpoint_saved(str(output_dir), trainer.state.global_step, config)
     return output_dir
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _packing_functions():
-    try:
-        from vistune.data.packing import collate_packed, pack_dataset, trainer_overrides
-    except ImportError as exc:
-        raise VistuneError(
-            f"packing is not available in this installation ({exc})",
-            hint="set packing: false",
-        ) from None
-    return pack_dataset, collate_packed, trainer_overrides

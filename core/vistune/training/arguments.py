@@ -45,6 +45,12 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides:
     """
     from transformers import TrainingArguments
 
+    if config.warmup_ratio >= 1:
+        # transformers reads a warmup_steps of 1 or more as a number of steps, not as a ratio
+        raise ConfigError(
+            f"warmup_ratio must be below 1 (a fraction of the training steps), got {config.warmup_ratio}",
+            hint="warmup_ratio: 0.1 warms up over the first tenth of the steps",
+        )
     bf16 = config.bf16 if config.bf16 is not None else default_bf16(device)
     fsdp = config.parallel_method == "fsdp"
     kwargs: dict[str, Any] = dict(
@@ -55,7 +61,7 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides:
         per_device_train_batch_size=config.per_device_batch_size,
         per_device_eval_batch_size=config.per_device_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        warmup_steps=config.warmup_ratio,  # transformers reads a float below 1 as a ratio of the total steps
         weight_decay=config.weight_decay,
         lr_scheduler_type=config.lr_scheduler_type,
         max_grad_norm=config.max_grad_norm,
@@ -79,8 +85,9 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides:
         dataloader_pin_memory=device == "cuda",
         use_liger_kernel=config.liger,
         # Each process reads its own batches.  Dispatching (accelerate's default for iterable
-        # datasets such as packed rows) slices every tensor of a batch by rows, which cuts
-        # image tensors that hold more images than the batch has rows.
+        # datasets such as packed rows) slices every tensor of a batch along dimension 0 for
+        # each process, which cuts image tensors (one entry per image, not per row) and mrope
+        # position ids (batch on dimension 1).
         accelerator_config={"dispatch_batches": False},
         **parallel_arguments(config, device),
     )

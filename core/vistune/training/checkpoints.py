@@ -113,8 +113,8 @@ def resolve_resume(config, *, where: str = "resume", may_delete: bool = True) ->
     """Apply ``resume`` / ``overwrite_output_dir`` to ``output_dir``; returns the checkpoint to resume from.
 
     Runs before any model is loaded, so a refused run costs nothing and loses nothing.
-    ``may_delete`` is False in the processes a distributed launch started: the
-    launching process already cleared the directory.
+    ``may_delete`` is True in one process only (the global main one), so that the
+    processes of a distributed run do not delete the same directories at once.
     """
     output_dir = Path(config.output_dir)
     resume = config.resume

@@ -22,15 +22,11 @@ def repeated_blocks(model: Any) -> list[Any]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def compile_blocks(model: Any, *, dynamic: bool | None = True) -> int:
-    """Compile each repeated block of ``model`` in place; returns how many were compiled.
-
-    :param dynamic: passed to ``torch.compile``.  Training batches change length every
-        step (padding to the longest sample, packed rows of different fill), so the
-        default compiles for symbolic shapes once instead of recompiling per shape;
-        ``None`` suits fixed shapes.
-    """
+def compile_blocks(model: Any) -> int:
+    """Compile each repeated block of ``model`` in place; returns how many were compiled."""
     blocks = repeated_blocks(model)
     for block in blocks:
-        block.compile(dynamic=dynamic)
+        # Training batches change length every step (padding to the longest sample, packed
+        # rows of different fill): compile for symbolic shapes once rather than per shape.
+        block.compile(dynamic=True)
     return len(blocks)

@@ -38,16 +38,12 @@ def accepts_logits_to_keep(model: Any) -> bool:
 def causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any]:
     """``(loss, outputs)`` of a causal LM batch with ``labels``; ``outputs.logits`` holds the kept positions only.
 
+    :param model: a model whose forward takes ``logits_to_keep`` (:func:`accepts_logits_to_keep`).
     :param inputs: the batch as the Trainer passes it (``labels`` included; not modified).
     :param num_items_in_batch: the Trainer's target count for loss normalisation, or None.
     """
     labels = inputs["labels"]
     rest = {key: value for key, value in inputs.items() if key != "labels"}
-    if not accepts_logits_to_keep(model):
-        outputs = model(
-            **inputs, **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {})
-        )
-        return outputs.loss, outputs
     shift = labels[..., 1:]
     keep = (shift != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     if keep.numel() == 0:

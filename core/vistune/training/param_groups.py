@@ -1,9 +1,8 @@
 """Optimizer parameter groups with one learning rate per model part.
 
 A model type names the module prefixes of its vision tower, projector and language
-model (as in ``model.named_modules()`` of the plain transformers model).  Wrapped
-models (peft's ``base_model.model.``, DDP's ``module.``) are unwrapped by name so the
-same prefixes apply whatever the adapter.
+model; :func:`vistune.adapters.targets.part_of` finds each parameter's part by them,
+through peft's and DDP's wrapper prefixes, so the same prefixes apply whatever the adapter.
 """
 
 from __future__ import annotations
@@ -11,25 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-#: Name prefixes that wrappers add in front of the plain model's parameter names.
-WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
-
-
-def strip_wrappers(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
-    return name
-
-
-def part_of(name: str, model_type: Any) -> str:
-    """``vision_tower``, ``projector`` or ``language_model`` (everything not named otherwise)."""
-    from vistune.adapters.targets import part_of as plain_part_of
-
-    return "language_model" if model_type is None else plain_part_of(strip_wrappers(name), model_type)
+from vistune.adapters.targets import part_of
 
 
 def part_learning_rates(config: Any) -> dict[str, float]:

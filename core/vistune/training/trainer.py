@@ -101,8 +101,9 @@ class VistuneTrainer(Trainer):
             or self.is_deepspeed_enabled
         ):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        trust = bool(getattr(self.vistune_config, "trust_remote_code", False))
-        saved = type(model).from_pretrained(str(directory), dtype=model.dtype, trust_remote_code=trust)
+        saved = type(model).from_pretrained(
+            str(directory), dtype=model.dtype, trust_remote_code=self.vistune_config.trust_remote_code
+        )
         model.load_state_dict(saved.state_dict(), strict=True)
         del saved
 
