@@ -110,10 +110,24 @@ def test_aliases_of_other_tools_are_accepted(tmp_path):
     assert (config.model, config.quantization, config.num_train_epochs) == ("llava-hf/llava-1.5-7b-hf", "awq", 3.0)
 
 
+def test_a_field_set_under_an_alias_and_its_own_name_is_an_error(tmp_path):
+    path = write(tmp_path, "learning_rate: 0.001\nmodel: m\nlr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, task="sft")
+    assert str(info.value) == f"{path}:3: lr sets learning_rate, which {path}:1 already sets"
+    # a flag replaces the file's value, whichever name each uses
+    overridden = write(tmp_path, "lr: 0.1\n", "overridden.yaml")
+    assert load_config(overridden, ["--learning_rate", "0.5"], task="sft").config.learning_rate == 0.5
+
+
 def test_task_in_file_must_match_the_command(tmp_path):
     path = write(tmp_path, "task: rl\nmodel: m\n")
-    with pytest.raises(ConfigError, match=r"run\.yaml:1: task is 'rl' but the command is `vistune sft`"):
+    with pytest.raises(ConfigError, match=r"run\.yaml:1: task is 'rl' but the command is `vistune sft`") as info:
         load_config(path, task="sft")
+    assert info.value.hint == f"run `vistune rl --config {path}` or remove the task key"
+    with pytest.raises(ConfigError, match=r"command line --task: task is 'rl'") as info:
+        load_config(None, ["--task", "rl"], task="sft")
+    assert info.value.hint == "run `vistune rl` or remove the task key"
 
 
 def test_yaml_problems_name_the_file(tmp_path):

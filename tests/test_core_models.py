@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from vistune.errors import RegistryError
-from vistune.models import RUN_FILE, detect_model_type
+from vistune.models import RUN_FILE, detect_model_type, hf_cache_dir
 from vistune.registry import Owner, Registry
 from vistune.specs import ModelType
 
@@ -104,3 +107,26 @@ def test_ambiguous_config_names_every_candidate(models, tmp_path, config, how):
     assert info.value.message == f"{tmp_path / 'm'}: {how} matches several model types (llava, other-llava)"
     assert info.value.hint.startswith("set model_type to one of them")
     assert "vistune_register_models" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"XDG_CACHE_HOME": "{tmp}/xdg"},
+        {"HF_HOME": "~/hf-home", "XDG_CACHE_HOME": "{tmp}/xdg"},
+        {"HUGGINGFACE_HUB_CACHE": "{tmp}/legacy"},
+        {"HF_HUB_CACHE": "~/hub", "HUGGINGFACE_HUB_CACHE": "{tmp}/legacy", "HF_HOME": "{tmp}/home"},
+    ],
+)
+def test_hf_cache_dir_is_where_huggingface_hub_downloads(env, tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    env = {name: value.format(tmp=tmp_path) for name, value in env.items()}
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # huggingface_hub reads the environment when it is imported: ask a fresh interpreter
+    reference = subprocess.run([sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert hf_cache_dir() == Path(reference)

@@ -216,6 +216,17 @@ def test_rewards_from_a_local_file_and_from_plugins(pm, tmp_path, register_plugi
     assert "defines no 'nope' (top-level names: brevity)" in problems_by_field(plan)["rewards"][0]
 
 
+def test_a_reward_file_may_import_or_annotate_its_reward(pm, tmp_path):
+    (tmp_path / "imports.py").write_text("from math import isclose as close_enough\nimport os.path\nscale: float = 2.0\n")
+    (tmp_path / "star.py").write_text("from math import *\n")  # what it binds is known only once imported
+    rewards = [f"{tmp_path}/imports.py:close_enough", f"{tmp_path}/imports.py:scale", f"{tmp_path}/star.py:isclose",
+               f"{tmp_path}/imports.py:nope"]  # fmt: skip
+    plan = plan_for(pm, tmp_path, "model: nowhere\n", "rl", "--rewards", f"[{', '.join(rewards)}]")
+    assert [r.attribute for r in plan.rewards] == ["close_enough", "scale", "isclose"]
+    (problem,) = problems_by_field(plan)["rewards"]
+    assert "imports.py defines no 'nope' (top-level names: close_enough, os, scale)" in problem
+
+
 def test_packing_needs_a_model_type_that_supports_it(pm, tmp_path, register_plugin):
     class NoPacking:
         @hookimpl
@@ -260,15 +271,33 @@ def test_a_name_two_distributions_registered_fails_clearly_when_used(tmp_path, m
     monkeypatch.delenv("VISTUNE_STRICT_PLUGINS", raising=False)
     pm = PluginManager()
 
-    class Bleu:
+    class Twice:
         @hookimpl
         def vistune_register_rewards(self, register):
             register(Reward("bleu", factory=lambda: None))
 
-    pm.add_plugin(Bleu(), name="bleu-a", distribution="vistune-bleu-a")
-    pm.add_plugin(Bleu(), name="bleu-b", distribution="vistune-bleu-b")
-    plan = plan_for(pm, tmp_path, "model: nowhere\nrewards: [bleu]\n", "rl")
-    (problem,) = problems_by_field(plan)["rewards"]
-    assert "rewards 'bleu' is ambiguous: registered by plugin 'bleu-a' (distribution 'vistune-bleu-a') and " \
-           "plugin 'bleu-b' (distribution 'vistune-bleu-b')" in problem  # fmt: skip
+        @hookimpl
+        def vistune_register_models(self, register):
+            register(ModelAlias("twice-7b", model_type="twice", hf_repo_id="org/twice-7b"))
+
+        @hookimpl
+        def vistune_register_datasets(self, register):
+            register(Dataset("twice-data", format="messages"))
+
+    pm.add_plugin(Twice(), name="twice-a", distribution="vistune-twice-a")
+    pm.add_plugin(Twice(), name="twice-b", distribution="vistune-twice-b")
+    plan = plan_for(pm, tmp_path, "model: twice-7b\ndataset: twice-data\nrewards: [bleu]\n", "rl")
+    problems = problems_by_field(plan)
+    for field, what in (("rewards", "rewards 'bleu'"), ("model", "checkpoints 'twice-7b'"),
+                        ("dataset", "datasets 'twice-data'")):  # fmt: skip
+        (problem,) = problems[field]
+        assert problem.startswith(f"{what} is ambiguous: registered by plugin 'twice-a' (distribution "
+                                  "'vistune-twice-a') and plugin 'twice-b' (distribution 'vistune-twice-b')")  # fmt: skip
     assert any("registered twice" in note for note in plan.notes)
+
+
+def test_one_process_on_each_of_two_nodes_is_a_ddp_run(pm, tmp_path):
+    plan = plan_for(pm, tmp_path, "model: nowhere\ndevice: cpu\nnnodes: 2\n", "sft")
+    assert plan.launch.distributed and plan.launch.method == "ddp"
+    assert ("launch", "ddp on cpu, 2 node(s) x 1 process(es)") in plan.lines
+    assert "2 processes with parallel_method none: using ddp" in plan.notes

@@ -14,8 +14,10 @@ import textwrap
 
 from vistune import HOOK_API_VERSION, __version__
 from vistune.errors import VistuneError
+from vistune.registry import KINDS
 
-LIST_KINDS = ("models", "templates", "adapters", "algorithms", "rewards", "backends", "datasets")
+#: `vistune list models` shows the checkpoint aliases too, so they have no kind of their own here.
+LIST_KINDS = tuple(kind for kind in KINDS if kind != "checkpoints")
 
 TASK_HELP = {
     "sft": "supervised fine-tuning",
@@ -81,7 +83,7 @@ def cmd_plugins(args) -> int:
         print(json.dumps([info.to_json() for info in infos], indent=2))
         return 0
     for info in infos:
-        status = "" if info.loaded and not info.errors else ("  BROKEN" if not info.loaded else "  (with errors)")
+        status = "  BROKEN" if not info.loaded else "  (with errors)" if info.errors else ""
         print(f"{info.name}  ({info.distribution} {info.version}){status}")
         if info.hooks:
             print(f"  hooks: {', '.join(info.hooks)}")

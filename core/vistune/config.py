@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from vistune.errors import ConfigError
+from vistune.quantization import SCHEMES
 
 TASKS = ("sft", "rl", "infer", "serve", "export")
 
@@ -66,7 +67,7 @@ class RunConfig:
         "load the base model quantized: nf4, fp4, int8, q4_k_m (= nf4 for training), q8_0 (= int8), "
         "or awq/gptq/fp8 for checkpoints that are already quantized",
         type="str",
-        choices=("none", "nf4", "fp4", "int8", "q4_k_m", "q8_0", "awq", "gptq", "fp8"),
+        choices=("none", *SCHEMES),
     )
     trust_remote_code: bool = option(False, "allow custom code in the checkpoint directory", type="bool")
     output_dir: str = option("vistune-output", "where checkpoints, logs and results go", type="path")
@@ -302,6 +303,8 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, Source]]
 
 _TYPE_NAMES = {"str": "a string", "path": "a path", "int": "an integer", "float": "a number", "bool": "true or false",
                "str_list": "a list of strings", "dict": "a mapping", "rewards": "a list of rewards"}  # fmt: skip
+#: Strings a bool key accepts, as YAML 1.1 and command lines spell them.
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def default_value(name: str) -> Any:
@@ -315,40 +318,40 @@ def _convert(name: str, value: Any, where: str) -> Any:
     meta = field.metadata
     kind = meta["type"]
 
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{where}: {name} must be {expected}, got {value!r} ({type(value).__name__})")
+    def bad(note: str = "") -> ConfigError:
+        return ConfigError(f"{where}: {name} must be {_TYPE_NAMES[kind]}{note}, got {value!r} ({type(value).__name__})")
 
     if value is None:
         if field.default is None or "None" in str(field.type):
             return None
-        raise bad(f"{_TYPE_NAMES.get(kind, kind)} (null is not allowed here)")
+        raise bad(" (null is not allowed here)")
     if kind in ("str", "path"):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise bad("a string")
+            raise bad()
         value = str(value)
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
+            raise bad()
     elif kind == "float":
         if isinstance(value, bool):
-            raise bad("a number")
+            raise bad()
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise bad("a number") from None
+            raise bad() from None
     elif kind == "bool":
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            value = value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            value = value.lower() in _TRUE
         if not isinstance(value, bool):
-            raise bad("true or false")
+            raise bad()
     elif kind == "str_list":
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of strings")
+            raise bad()
     elif kind == "dict":
         if not isinstance(value, dict):
-            raise bad("a mapping")
+            raise bad()
     elif kind == "rewards":
         value = _convert_rewards(value, where)
     choices = meta["choices"]
@@ -384,7 +387,8 @@ def _convert_rewards(value: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _check_ranges(config: RunConfig, loaded: LoadedConfig) -> None:
+def _check_ranges(loaded: LoadedConfig) -> None:
+    config = loaded.config
     positive = (
         "lora_rank", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "max_packed_length",
         "num_generations", "max_completion_length", "max_new_tokens", "gpu_num", "nnodes", "logging_steps",
@@ -421,23 +425,24 @@ def build_config(
     field_sources: dict[str, Source] = {}
     problems: list[ConfigError] = []  # every bad key at once, not one per attempt
     for key, value in values.items():
-        where = str(sources.get(key, Source(file=path)))
+        source = sources.get(key, Source(file=path))
         name = KEY_ALIASES.get(key, key)
         try:
             if name not in FIELDS:
-                raise unknown_key_error(key, where)
-            converted[name] = _convert(name, value, where)
+                raise unknown_key_error(key, str(source))
+            if name in field_sources:  # under an alias and its own name: neither may silently win
+                raise ConfigError(f"{source}: {key} sets {name}, which {field_sources[name]} already sets")
+            converted[name] = _convert(name, value, str(source))
         except ConfigError as exc:
             problems.append(exc)
-        field_sources[name] = sources.get(key, Source(file=path))
+        field_sources[name] = source
     if len(problems) == 1:
         raise problems[0]
     if problems:
         listed = "\n".join(f"  - {str(problem).replace(chr(10), chr(10) + '    ')}" for problem in problems)
         raise ConfigError(f"{len(problems)} problems in the config:\n{listed}")
-    config = RunConfig(**converted)
-    loaded = LoadedConfig(config, field_sources, path)
-    _check_ranges(config, loaded)
+    loaded = LoadedConfig(RunConfig(**converted), field_sources, path)
+    _check_ranges(loaded)
     return loaded
 
 
@@ -458,9 +463,10 @@ def load_config(path: str | None, overrides: list[str] | None = None, task: str 
     if task is not None:
         file_task = values.get("task")
         if file_task is not None and file_task != task:
+            command = f"vistune {file_task}" + (f" --config {path}" if path else "")
             raise ConfigError(
                 f"{sources.get('task', Source(file=path))}: task is {file_task!r} but the command is `vistune {task}`",
-                hint=f"run `vistune {file_task} --config {path}` or remove the task key",
+                hint=f"run `{command}` or remove the task key",
             )
         values["task"] = task
     return build_config(values, sources, path)

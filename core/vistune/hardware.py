@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 
 
@@ -11,6 +12,7 @@ def visible_gpu_count() -> int:
     devices = [d for d in glob.glob("/dev/nvidia[0-9]*") if d[len("/dev/nvidia") :].isdigit()]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        wanted = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        # CUDA stops at the first invalid entry: "0,2,-1,1" makes devices 0 and 2 visible
+        wanted = list(itertools.takewhile(lambda v: v.strip() and not v.strip().startswith("-"), visible.split(",")))
         return min(len(wanted), len(devices))
     return len(devices)

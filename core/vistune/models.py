@@ -39,10 +39,14 @@ class LoadOptions:
 
 
 def hf_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return Path(home) / "hub"
+    """Where huggingface_hub downloads to, found as ``huggingface_hub.constants`` finds it.
+
+    Not imported from there: huggingface_hub is not a dependency of vistune's core, and it
+    reads the environment once, at import.
+    """
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
 
 
 def hf_cache_snapshot(repo_id: str) -> Path | None:
@@ -68,27 +72,26 @@ def alias_locations(alias: ModelAlias, model_path: str | None) -> list[tuple[str
     ]
 
 
-def read_hf_config(directory: Path) -> dict:
-    path = directory / "config.json"
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
         raise RegistryError(
             f"{directory} has no config.json, so it is not a Hugging Face model directory",
             hint="point `model` at the directory that save_pretrained() wrote",
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise RegistryError(f"{path} is not valid JSON: {exc}") from None
+        )
+    return _read_json(path)
 
 
 def read_run_file(directory: Path) -> dict | None:
     path = directory / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RegistryError(f"{path} is not valid JSON: {exc}") from None
+    return _read_json(path) if path.is_file() else None
 
 
 def detect_model_type(directory: Path, models: Registry[ModelType], explicit: str | None = None) -> tuple[ModelType, str]:

@@ -53,6 +53,8 @@ class RewardUse:
 
 @attrs.define
 class Launch:
+    """How many processes the run starts, on what device, and how they share the work (``method``)."""
+
     processes_per_node: int
     nnodes: int
     method: str
@@ -124,16 +126,15 @@ def _lookup(plan: Plan, registry, field: str, name: str):
 
 
 def _check_requirements(
-    plan: Plan, field: str, what: str, requires: tuple[str, ...], requires_cuda: bool, cpu_option: str | None = None
+    plan: Plan, field: str, what: str, requires: tuple[str, ...], requires_cuda: bool, cpu_option: str
 ) -> None:
     missing = [module for module in requires if importlib.util.find_spec(module) is None]
     if missing:
         plan.problem(field, f"{what} needs the Python package(s) {', '.join(missing)}, which are not installed",
                      hint=f"pip install {' '.join(missing)}")  # fmt: skip
     if requires_cuda and (plan.config.device == "cpu" or visible_gpu_count() == 0):
-        alternative = f"set {cpu_option} to run without one" if cpu_option else "choose a CPU-capable option"
         plan.problem(field, f"{what} needs a CUDA GPU and this run has none",
-                     hint=f"run on a machine with an NVIDIA GPU, or {alternative}")  # fmt: skip
+                     hint=f"run on a machine with an NVIDIA GPU, or set {cpu_option} to run without one")  # fmt: skip
 
 
 def _resolve_model(plan: Plan, pm: PluginManager) -> None:
@@ -144,7 +145,11 @@ def _resolve_model(plan: Plan, pm: PluginManager) -> None:
     path = Path(config.model).expanduser()
     explicit_type = config.model_type
     if config.model in pm.registries.checkpoints:
-        alias = pm.registries.checkpoints.get(config.model)
+        try:
+            alias = pm.registries.checkpoints.get(config.model)
+        except VistuneError as exc:  # a name two distributions registered
+            plan.problem("model", exc.message, exc.hint)
+            return
         explicit_type = explicit_type or alias.model_type
         found = [(how, d) for how, d in alias_locations(alias, config.model_path) if d is not None]
         existing = [(how, d) for how, d in found if (d / "config.json").is_file()]
@@ -194,12 +199,32 @@ def _resolve_dataset(plan: Plan, pm: PluginManager, field: str, name: str | None
             plan.problem(field, f"`vistune {plan.config.task}` needs a dataset",
                          hint=f"set {field}: to a dataset alias (`vistune list datasets`) or a JSON/JSONL file")  # fmt: skip
         return None
-    location = locate_dataset(name, pm.registries.datasets, plan.config.dataset_path if field == "dataset" else None)
+    try:
+        location = locate_dataset(name, pm.registries.datasets, plan.config.dataset_path if field == "dataset" else None)
+    except VistuneError as exc:  # a name two distributions registered
+        plan.problem(field, exc.message, exc.hint)
+        return None
     if location.found:
         plan.lines.append((field, f"{name} -> {location.data_file}  ({location.how})"))
     else:
         plan.problem(field, location.how, location.hint)
     return location
+
+
+def _top_level_names(tree: ast.Module) -> set[str] | None:
+    """The names a module binds at its top level, as getattr finds them; None when a star import hides them."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {target.id for target in targets if isinstance(target, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(alias.name == "*" for alias in node.names):
+                return None
+            names |= {alias.asname or alias.name.split(".")[0] for alias in node.names}
+    return names
 
 
 def _resolve_rewards(plan: Plan, pm: PluginManager, required: bool) -> None:
@@ -219,9 +244,8 @@ def _resolve_rewards(plan: Plan, pm: PluginManager, required: bool) -> None:
             except SyntaxError as exc:
                 plan.problem("rewards", f"{file}:{exc.lineno}: syntax error: {exc.msg}")
                 continue
-            defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-            defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-            if attribute not in defined:
+            defined = _top_level_names(tree)
+            if defined is not None and attribute not in defined:
                 plan.problem("rewards", f"{file} defines no {attribute!r} (top-level names: {', '.join(sorted(defined))})")
                 continue
             use.file, use.attribute = file, attribute
@@ -236,28 +260,26 @@ def _resolve_rewards(plan: Plan, pm: PluginManager, required: bool) -> None:
 
 def _resolve_launch(plan: Plan) -> None:
     config = plan.config
-    method = config.parallel_method
-    if config.gpu_num > 1 and method == "none":
-        method = "ddp"
-        plan.notes.append("gpu_num > 1 with parallel_method none: using ddp")
-    if method != "none" and config.gpu_num == 1 and config.nnodes == 1:
-        plan.notes.append(f"parallel_method {method} with gpu_num 1 runs a single process")
     gpus = visible_gpu_count()
     device = config.device if config.device != "auto" else ("cuda" if gpus else "cpu")
+    plan.launch = launch = Launch(config.gpu_num, config.nnodes, config.parallel_method, device)
+    if launch.distributed and launch.method == "none":
+        launch.method = "ddp"
+        plan.notes.append(f"{config.gpu_num * config.nnodes} processes with parallel_method none: using ddp")
+    if not launch.distributed and launch.method != "none":
+        plan.notes.append(f"parallel_method {launch.method} with gpu_num 1 runs a single process")
     # gpu_num > 1 asks for GPUs unless the config says device: cpu (several CPU processes, for testing)
     if config.device != "cpu" and config.gpu_num > gpus and (device == "cuda" or config.gpu_num > 1):
         plan.problem("gpu_num", f"{config.gpu_num} GPU(s) per node asked for, but this machine has {gpus} visible GPU(s)",
                      hint=f"set gpu_num: {max(gpus, 1)}" + ("" if gpus else f" to train on this machine's CPU, or device: "
                      f"cpu to start {config.gpu_num} CPU processes (gloo backend, for testing)"))  # fmt: skip
-    plan.launch = Launch(config.gpu_num, config.nnodes, method, device)
-    total = config.gpu_num * config.nnodes
-    if method == "fsdp" and device == "cpu" and total > 1:
+    if launch.method == "fsdp" and device == "cpu" and launch.distributed:
         # accelerate shards only across accelerators: CPU processes would silently train as DDP
         plan.problem("parallel_method", "parallel_method fsdp shards the model across GPUs, but this run starts CPU "
                      "processes, which would each hold the whole model (DDP)",
                      hint="set parallel_method: ddp for CPU processes, or run fsdp on GPUs")  # fmt: skip
     where = f"{config.nnodes} node(s) x {config.gpu_num} process(es)" if config.nnodes > 1 else f"{config.gpu_num} process(es)"
-    plan.lines.append(("launch", f"{method if total > 1 else 'single process'} on {device}, {where}"))
+    plan.lines.append(("launch", f"{launch.method if launch.distributed else 'single process'} on {device}, {where}"))
 
 
 def _note_unused(plan: Plan) -> None:
@@ -279,10 +301,7 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
         template_name = config.template or (plan.model_type.default_template if plan.model_type else None)
         if template_name:
             plan.template = _lookup(plan, pm.registries.templates, "template", template_name)
-    try:
-        plan.quantization = get_scheme(config.quantization)
-    except KeyError:  # choices are validated by the config; kept for plugins that extend them
-        plan.problem("quantization", f"unknown quantization {config.quantization!r}")
+    plan.quantization = get_scheme(config.quantization)  # the config allows only known schemes
     if plan.quantization:
         plan.lines.append(("quantization", f"{config.quantization}: {plan.quantization.description}"))
         _check_requirements(plan, "quantization", f"quantization {config.quantization}",

@@ -123,7 +123,7 @@ class PluginManager:
                 info = PluginInfo(ep.name, dist, version, loaded=False)
                 self.infos[f"{ep.name} ({dist})"] = info
                 self._fail(info, f"is not loaded: distribution {first!r} already provides a plugin named {ep.name!r}",
-                           None, hint="rename one of the entry points, or block one with VISTUNE_BLOCK_PLUGINS")  # fmt: skip
+                           hint="rename one of the entry points, or block one with VISTUNE_BLOCK_PLUGINS")  # fmt: skip
                 continue
             self._load_entry_point(ep, dist, version)
         self.check_references()
@@ -143,7 +143,7 @@ class PluginManager:
                                 f"{model_type.default_template!r} no loaded plugin registers")  # fmt: skip
 
     def _fail_spec(self, plugin: str, what: str) -> None:
-        self._fail(self.infos[plugin], what, None, hint="install the plugin that provides it, or fix the name")
+        self._fail(self.infos[plugin], what, hint="install the plugin that provides it, or fix the name")
 
     def _load_entry_point(self, ep: importlib.metadata.EntryPoint, dist: str, version: str) -> None:
         try:
@@ -169,7 +169,6 @@ class PluginManager:
             self._fail(
                 info,
                 f"needs hook API {wanted!r} but this vistune provides {HOOK_API_VERSION}",
-                None,
                 hint="upgrade vistune or install an older release of the plugin",
             )
             return info
@@ -182,21 +181,15 @@ class PluginManager:
             info.loaded = False
             self._fail(info, "has an invalid hook implementation", exc, hint=_known_hooks_hint(plugin))
             return info
-        info.hooks = sorted(impl_name for impl_name in self._hook_names(plugin))
+        info.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
         for attr in dir(plugin):
             if attr.startswith("vistune_") and attr not in info.hooks and callable(getattr(plugin, attr, None)):
-                self._fail(info, f"defines {attr}() without the @vistune.hookimpl decorator, so it is ignored", None,
+                self._fail(info, f"defines {attr}() without the @vistune.hookimpl decorator, so it is ignored",
                            hint="decorate it with @vistune.hookimpl")  # fmt: skip
         for hook_name in REGISTRATION_HOOKS:
             self._call_registration_hook(plugin, info, hook_name)
         info.registered = self.registries.registered_by(name)
         return info
-
-    def _hook_names(self, plugin: Any) -> list[str]:
-        return [
-            caller.name
-            for caller in self.pm.get_hookcallers(plugin) or []
-        ]
 
     def _call_registration_hook(self, plugin: Any, info: PluginInfo, hook_name: str) -> None:
         owner = Owner(info.name, info.distribution)
@@ -215,11 +208,9 @@ class PluginManager:
             kwargs: dict[str, Callable] = {"register": register}
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-            except PluginError as exc:
-                if strict_mode():  # raised by _fail above: already names the plugin
-                    raise
-                self._fail(info, f"raised in {hook_name}", exc)
             except Exception as exc:
+                if isinstance(exc, PluginError) and strict_mode():  # raised by _fail in register(): names the plugin
+                    raise
                 self._fail(info, f"raised in {hook_name}", exc)
 
     def remove_plugin(self, name: str) -> None:
@@ -229,7 +220,7 @@ class PluginManager:
         self.registries.remove_owner(name)
         self.infos.pop(name, None)
 
-    def _fail(self, info: PluginInfo, what: str, exc: BaseException | None, hint: str | None = None) -> None:
+    def _fail(self, info: PluginInfo, what: str, exc: BaseException | None = None, hint: str | None = None) -> None:
         detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
         message = f"plugin {info.name!r} from distribution {info.distribution!r} {what}{detail}"
         if strict_mode():
@@ -247,9 +238,9 @@ def hook_names() -> list[str]:
     return sorted(n for n in dir(hookspecs) if n.startswith("vistune_"))
 
 
-def _known_hooks_hint(plugin: Any = None) -> str:
+def _known_hooks_hint(plugin: Any) -> str:
     names = hook_names()
-    unknown = [a for a in dir(plugin) if a.startswith("vistune_") and a not in names] if plugin is not None else []
+    unknown = [a for a in dir(plugin) if a.startswith("vistune_") and a not in names]
     for attr in unknown:
         close = difflib.get_close_matches(attr, names, n=1)
         if close:
@@ -265,12 +256,6 @@ def get_plugin_manager() -> PluginManager:
     global _manager
     if _manager is None:
         manager = PluginManager()
-        manager.load_entry_points()
+        manager.load_entry_points()  # may raise (VISTUNE_STRICT_PLUGINS): cache only a fully loaded manager
         _manager = manager
     return _manager
-
-
-def reset_plugin_manager() -> None:
-    """Forget the loaded plugins; the next :func:`get_plugin_manager` rediscovers them."""
-    global _manager
-    _manager = None

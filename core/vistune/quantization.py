@@ -32,11 +32,12 @@ class QuantizationScheme:
 
 
 _NF4 = "bitsandbytes 4-bit NF4 with double quantization"
+#: Every value of the ``quantization`` key but ``none``, in the order ``--help`` lists them.
 SCHEMES = {
     "nf4": QuantizationScheme("nf4", "bnb-4bit", _NF4, "nf4", ("bitsandbytes",)),
-    "q4_k_m": QuantizationScheme("q4_k_m", "bnb-4bit", f"{_NF4} (GGUF q4_k_m's training equivalent)", "nf4", ("bitsandbytes",)),
     "fp4": QuantizationScheme("fp4", "bnb-4bit", "bitsandbytes 4-bit FP4", "fp4", ("bitsandbytes",)),
     "int8": QuantizationScheme("int8", "bnb-8bit", "bitsandbytes LLM.int8()", None, ("bitsandbytes",)),
+    "q4_k_m": QuantizationScheme("q4_k_m", "bnb-4bit", f"{_NF4} (GGUF q4_k_m's training equivalent)", "nf4", ("bitsandbytes",)),
     "q8_0": QuantizationScheme("q8_0", "bnb-8bit", "bitsandbytes LLM.int8() (GGUF q8_0's training equivalent)", None, ("bitsandbytes",)),
     "awq": QuantizationScheme("awq", "prequantized", "an AWQ checkpoint, loaded as saved", None, ()),
     "gptq": QuantizationScheme("gptq", "prequantized", "a GPTQ checkpoint, loaded as saved", None, ()),

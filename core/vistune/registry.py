@@ -126,6 +126,8 @@ class Registries:
         self.by_kind: dict[str, Registry] = {kind: Registry(kind, spec) for kind, (_, spec) in KINDS.items()}
 
     def __getattr__(self, kind: str) -> Registry:
+        """``registries.models`` and the like.  ``__dict__`` and not ``self.by_kind``: on an instance that copy or
+        pickle has not filled yet, ``self.by_kind`` would call this method again, without end."""
         try:
             return self.__dict__["by_kind"][kind]
         except KeyError:

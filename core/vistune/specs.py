@@ -71,8 +71,8 @@ _name = attrs.field(validator=_check_name)
 _description = attrs.field(default="", validator=attrs.validators.instance_of(str), kw_only=True)
 
 
-def _names(**kw):
-    return attrs.field(factory=tuple, converter=_tuple, validator=_check_str_tuple, kw_only=True, **kw)
+def _names():
+    return attrs.field(factory=tuple, converter=_tuple, validator=_check_str_tuple, kw_only=True)
 
 
 @attrs.frozen

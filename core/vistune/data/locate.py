@@ -43,18 +43,18 @@ def guess_format(path: Path) -> str:
 
 
 def locate_dataset(name: str, registry: Registry[Dataset], dataset_path: str | None = None) -> DatasetLocation:
-    path = Path(name).expanduser()
-    if name not in registry and path.exists():
+    if name not in registry:
+        path = Path(name).expanduser()
+        if not path.exists():
+            looks_like_a_path = "/" in name or name.endswith((".json", ".jsonl"))
+            how = f"{name} does not exist" if looks_like_a_path else registry.unknown_message(name)
+            return DatasetLocation(None, None, None, how=how)
         if path.is_dir() and guess_format(path) != "hf-disk":
             candidates = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.json"))
             if not candidates:
                 return DatasetLocation(None, None, None, how=f"{path} holds no .json/.jsonl records file")
             path = candidates[0]
         return DatasetLocation(path, path.parent if path.is_file() else path, guess_format(path), how="local path")
-    if name not in registry:
-        if "/" in name or name.endswith((".json", ".jsonl")):
-            return DatasetLocation(None, None, None, how=f"{name} does not exist")
-        return DatasetLocation(None, None, None, how=registry.unknown_message(name))
     spec = registry.get(name)
     data_root = os.environ.get("VISTUNE_DATA_DIR")
     tried = [
@@ -65,7 +65,7 @@ def locate_dataset(name: str, registry: Registry[Dataset], dataset_path: str | N
     for how, root in tried:
         if root is None:
             continue
-        data_file = root / spec.data_file if spec.data_file else root
+        data_file = root / spec.data_file  # an empty data_file names the directory itself
         if data_file.exists():
             return DatasetLocation(data_file, root / spec.image_dir, spec.format, spec, how=f"{how}: {root}")
         return DatasetLocation(

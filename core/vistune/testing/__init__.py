@@ -1,7 +1,8 @@
-"""Helpers for testing vistune plugins: tiny offline models and contract checks.
+"""Helpers for testing vistune plugins: contract checks, and fixtures with tiny offline models.
 
-Installed as a pytest plugin (entry point ``pytest11``), so its fixtures are available
-in any test suite once vistune is installed.
+The fixtures live in :mod:`vistune.testing.pytest_plugin`, which is installed as a pytest
+plugin (entry point ``pytest11``), so they are available in any test suite once vistune is
+installed.
 """
 
 from vistune.testing.contracts import (

@@ -36,7 +36,6 @@ from vistune.errors import VistuneError
 from vistune.templates import IGNORE_INDEX, IMAGE_TAG, Sample, TemplateOptions
 
 
-
 class ContractError(AssertionError):
     """A spec does not do what vistune's pipelines rely on."""
 
@@ -49,6 +48,11 @@ def _fail_unless(condition: Any, spec: Any, message: str) -> None:
 def _check_spec_type(spec: Any, expected: type) -> None:
     if not isinstance(spec, expected):
         raise ContractError(f"expected a vistune.specs.{expected.__name__}, got {spec!r}")
+
+
+def _check_requirements(spec: specs.Adapter | specs.Backend) -> None:
+    missing = [m for m in spec.requires if importlib.util.find_spec(m) is None]
+    _fail_unless(not missing, spec, f"needs {', '.join(missing)}, which is not installed")
 
 
 def _load(spec: Any, field: str) -> Any:
@@ -303,8 +307,7 @@ def check_adapter(
     :returns: the model ``apply`` returned.
     """
     _check_spec_type(spec, specs.Adapter)
-    missing = [m for m in spec.requires if importlib.util.find_spec(m) is None]
-    _fail_unless(not missing, spec, f"needs {', '.join(missing)}, which is not installed")
+    _check_requirements(spec)
     original = {name for name, _ in model.named_parameters()}
     apply = _load(spec, "apply")
     trained = apply(model, model_type, config)
@@ -474,8 +477,7 @@ def check_backend(spec: specs.Backend, model_dir: str | Path, model_type: specs.
 
     _check_spec_type(spec, specs.Backend)
     _check_spec_type(model_type, specs.ModelType)
-    missing = [m for m in spec.requires if importlib.util.find_spec(m) is None]
-    _fail_unless(not missing, spec, f"needs {', '.join(missing)}, which is not installed")
+    _check_requirements(spec)
     factory = _load(spec, "factory")
     engine = factory(str(model_dir), model_type, config)
     _fail_unless(engine is not None, spec, "factory() returned None")
@@ -532,7 +534,7 @@ def check_dataset(spec: specs.Dataset, directory: str | Path | None = None, *, m
         directory = Path(tempfile.mkdtemp(prefix="vistune-dataset-")) / spec.name
         _load(spec, "builder")(directory, spec)
     directory = Path(directory)
-    data = directory / spec.data_file if spec.data_file else directory
+    data = directory / spec.data_file  # an empty data_file names the directory itself
     _fail_unless(data.exists(), spec, f"{data} does not exist (data_file {spec.data_file!r} inside {directory})")
     location = DatasetLocation(data, directory / spec.image_dir, spec.format, spec, how="local copy")
     try:
