@@ -321,7 +321,7 @@ def test_warmup_ratio_is_a_fraction_of_the_steps(tmp_path):
         return training_arguments(config, "cpu", has_eval=False)
 
     assert arguments(0.25).get_warmup_steps(40) == 10  # the scheduler's own reading of the argument
-    # transformers would read 1.0 as one step: refused rather than warming up for 1 step of 40
+    # transformers would read 1.0 as one step: the config refuses it rather than warm up for 1 step of 40
     with pytest.raises(ConfigError, match="warmup_ratio must be below 1"):
         arguments(1.0)
 

@@ -400,6 +400,9 @@ def _check_ranges(loaded: LoadedConfig) -> None:
     for name in ("learning_rate", "lora_dropout", "warmup_ratio", "weight_decay", "beta", "epsilon"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{loaded.where(name)}: {name} must not be negative, got {getattr(config, name)}")
+    if config.warmup_ratio >= 1:  # passed on as warmup_steps, which transformers reads as a step count from 1 up
+        raise ConfigError(f"{loaded.where('warmup_ratio')}: warmup_ratio must be below 1 (a fraction of the training "
+                          f"steps), got {config.warmup_ratio}")  # fmt: skip
     if not 0 <= config.node_rank < config.nnodes:
         raise ConfigError(f"{loaded.where('node_rank')}: node_rank must be in [0, nnodes), got {config.node_rank}")
     if config.epsilon_high is not None and config.epsilon_high < config.epsilon:

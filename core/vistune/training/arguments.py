@@ -45,12 +45,6 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides:
     """
     from transformers import TrainingArguments
 
-    if config.warmup_ratio >= 1:
-        # transformers reads a warmup_steps of 1 or more as a number of steps, not as a ratio
-        raise ConfigError(
-            f"warmup_ratio must be below 1 (a fraction of the training steps), got {config.warmup_ratio}",
-            hint="warmup_ratio: 0.1 warms up over the first tenth of the steps",
-        )
     bf16 = config.bf16 if config.bf16 is not None else default_bf16(device)
     fsdp = config.parallel_method == "fsdp"
     kwargs: dict[str, Any] = dict(
