@@ -88,5 +88,6 @@ def test_protocol_defaults_and_options():
     assert read_options("x", config, {"width": 1, "ratio": 0.5, "name": "a"}) == {"width": 3, "ratio": 2.0, "name": "a"}
     with pytest.raises(ConfigError, match="'depth' not understood by algorithm 'x'"):
         read_options("x", RunConfig(task="rl", algorithm_options={"depth": 1}), {"width": 1})
-    with pytest.raises(ConfigError, match="width"):
-        read_options("x", RunConfig(task="rl", algorithm_options={"width": "wide"}), {"width": 1})
+    for bad in ("wide", 2.5, float("inf"), float("nan")):  # YAML's .inf and .nan are floats
+        with pytest.raises(ConfigError, match="width"):
+            read_options("x", RunConfig(task="rl", algorithm_options={"width": bad}), {"width": 1})

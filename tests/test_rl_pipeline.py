@@ -259,6 +259,28 @@ def test_reward_errors(tmp_path, text_data, tiny_llama, capsys):
     assert record["reward_errors/my_rewards:fragile"] > 0
 
 
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"parallel_method": "fsdp"}, "vistune rl cannot shard the policy with fsdp"),
+        # log-probabilities are divided by the temperature: 0 would make the loss NaN
+        ({"temperature": 0.0}, "temperature must be above 0"),
+    ],
+)
+def test_refused_before_the_model_loads(tmp_path, text_data, tiny_llama, capsys, monkeypatch, values, message):
+    from vistune import loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    config = {"task": "rl", **BASE, "model": str(tiny_llama), "dataset": str(text_data), **values,
+              "rewards": [f"{tmp_path / 'my_rewards.py'}:length"], "output_dir": str(tmp_path / "refused")}  # fmt: skip
+    (tmp_path / "refused.yaml").write_text(yaml.safe_dump(config))
+    assert main(["rl", "--config", str(tmp_path / "refused.yaml")]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_log_the_same_merged_metrics(tmp_path, text_data, tiny_llama):
     out = run_rl(tmp_path, "ddp", model=str(tiny_llama), dataset=str(text_data), max_steps=2, gpu_num=2,

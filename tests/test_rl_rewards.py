@@ -26,6 +26,9 @@ class Contains:
     def __call__(self, prompts, completions, answer=None, **columns):
         return [None if a is None else float(self.word in c) for c, a in zip(completions, answer)]
 
+async def async_scaled(prompts, completions, factor=1.0, **columns):
+    return [factor * len(c) for c in completions]
+
 async def slow_echo(prompts, completions, **columns):
     await asyncio.sleep(0)
     return [1.0 for _ in completions]
@@ -166,5 +169,25 @@ def test_check_reward_contract_for_a_plugin_spec(register_plugin, plugin_manager
     register_plugin(Plugin())
     spec = plugin_manager.registries.rewards.get("test-async-length")
     assert check_reward(spec, ["?"], ["abc"], options={"bonus": 1.0}) == [4.0]
-    [loaded] = load_rewards([RewardUse("test-async-length", 1.0, {}, spec=spec)], plugin_manager)
-    assert loaded.is_async
+    [loaded] = load_rewards([RewardUse("test-async-length", 1.0, {"bonus": 2.0}, spec=spec)], plugin_manager)
+    assert RewardScorer([loaded]).score([["?"]], ["abc"]) == {"test-async-length": [5.0]}
+
+
+def test_async_file_reward_with_options(reward_file):
+    reward = load_reward(file_use(reward_file, "async_scaled", factor=3.0))
+    assert RewardScorer([reward]).score([["p"]] * 2, ["ab", "abc"]) == {"my_rewards:async_scaled": [6.0, 9.0]}
+
+
+def test_a_bad_score_is_reported_without_calling_the_reward_again():
+    from vistune.rl.rewards import LoadedReward
+
+    calls = []
+
+    def flaky(prompts, completions, **columns):
+        calls.append(len(completions))
+        return [float("inf") if c == "bad" else 1.0 for c in completions]
+
+    scorer = RewardScorer([LoadedReward("flaky", 1.0, flaky)], error_policy="skip")
+    assert scorer.score([["q"]] * 3, ["ok", "bad", "ok"]) == {"flaky": [1.0, None, 1.0]}
+    assert calls == [3]  # the batch's own scores say which sample failed
+    assert scorer.pop_error_counts() == {"flaky": 1}

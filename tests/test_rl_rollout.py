@@ -78,7 +78,7 @@ def test_padded_rows_score_like_single_sequences(request, plugin_manager, kind):
         completions = [torch.randint(10, 60, (n,), generator=generator).tolist() for n in (3, 7)]
         groups.append(Group(prompt, dict(encoder.encode_prompt(prompt)), completions, ["", ""], [False, False]))
     assert len(groups[0].encoded["input_ids"]) != len(groups[1].encoded["input_ids"])  # prompts really are padded
-    inputs = policy_inputs(groups, pad_id=0, device="cpu", dtype=torch.float32, model=model)
+    inputs = policy_inputs(groups, pad_id=0, model=model)
     with torch.no_grad():
         batched = completion_logps(model, inputs)
         row = 0
@@ -97,7 +97,7 @@ def test_sampled_image_placeholder_is_scored_but_not_fed(plugin_manager, tiny_ll
     prompt = Sample(messages=[{"role": "user", "content": "<image>\nWhat?"}], images=[_image("blue", (32, 32))])
     completions = [[20, 21, image_token, 22, 23], [24, 25]]
     group = Group(prompt, dict(encoder.encode_prompt(prompt)), completions, ["", ""], [False, False])
-    inputs = policy_inputs([group], pad_id=0, device="cpu", dtype=torch.float32, model=model)
+    inputs = policy_inputs([group], pad_id=0, model=model)
     assert inputs["completion_mask"].sum(dim=1).tolist() == [3.0, 2.0]  # up to and including the placeholder
     assert (inputs["input_ids"] == image_token).sum().item() == 2 * 16  # only the prompts' image tokens
     with torch.no_grad():

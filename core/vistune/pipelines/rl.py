@@ -41,17 +41,16 @@ REWARD_CURVE = "reward_curve.png"
 def run(plan: Plan) -> None:
     """Train the plan's model with its algorithm and rewards; save the result to ``output_dir``."""
     from vistune.pipelines.sft import ensure_built
-    from vistune.rl.rollout import engine_factory
 
     plan = with_algorithm_defaults(plan)
     config = plan.config
     check_liger(plan.loaded)
+    refuse_unsupported(plan)
     resume_from = checkpoints.resolve_resume(
         config, where=plan.loaded.where("resume"), may_delete=launch.is_main_process()
     )
     if plan.dataset is not None:
         ensure_built(plan.dataset)
-    engine_factory(plan.backend)  # a backend that cannot serve rollouts is refused before anything loads
     if launch.relaunch_if_needed(plan):
         return
     trainer, processor, base_dir = build_trainer(plan)
@@ -89,6 +88,26 @@ def with_algorithm_defaults(plan: Plan) -> Plan:
     return attrs.evolve(plan, loaded=attrs.evolve(plan.loaded, config=config))
 
 
+def refuse_unsupported(plan: Plan) -> None:
+    """Raise ConfigError, before anything loads, for what a run cannot train with.
+
+    A backend that cannot sample from the policy in memory; FSDP, whose shards the rollout
+    engine cannot sample from; a temperature of 0 or below, by which the log-probabilities
+    are divided (and greedy completions would all be alike, so no group would have a signal).
+    """
+    from vistune.rl.rollout import engine_factory
+
+    config = plan.config
+    engine_factory(plan.backend)
+    if config.parallel_method == "fsdp":
+        raise ConfigError(f"{plan.loaded.where('parallel_method')}: vistune rl cannot shard the policy with fsdp: "
+                          "rollouts sample from the whole weights in each process",
+                          hint="set parallel_method: ddp")  # fmt: skip
+    if config.temperature is not None and config.temperature <= 0:
+        raise ConfigError(f"{plan.loaded.where('temperature')}: vistune rl samples, so temperature must be above 0, "
+                          f"got {config.temperature}", hint="leave temperature out (1.0) or set it above 0")  # fmt: skip
+
+
 def policy_dirs(plan: Plan) -> tuple[Path, Path | None]:
     """``(base model directory, SFT adapter directory or None)`` the policy starts from."""
     from vistune.pipelines.export import resolve_dirs
@@ -98,11 +117,11 @@ def policy_dirs(plan: Plan) -> tuple[Path, Path | None]:
     return plan.model_dir, None
 
 
-def load_policy(plan: Plan, needs_reference: bool | None = None) -> tuple[Any, Any, Path, str | None, Any]:
+def load_policy(plan: Plan, needs_reference: bool) -> tuple[Any, Any, Path, str | None, Any]:
     """The trainable policy and what a KL term compares it with.
 
-    ``needs_reference`` is the algorithm's :meth:`~vistune.rl.algorithm.RLAlgorithm.needs_reference_model`
-    (default: ``beta > 0``).  Returns ``(model, processor, base_dir, ref_adapter, ref_model)``:
+    ``needs_reference`` is the algorithm's :meth:`~vistune.rl.algorithm.RLAlgorithm.needs_reference_model`.
+    Returns ``(model, processor, base_dir, ref_adapter, ref_model)``:
     ``ref_adapter`` names a frozen adapter holding the reference, ``ref_model`` is a separate
     frozen model; both None means "the policy with its adapter disabled".
     """
@@ -112,8 +131,6 @@ def load_policy(plan: Plan, needs_reference: bool | None = None) -> tuple[Any, A
     base_dir, adapter_dir = policy_dirs(plan)
     base_plan = attrs.evolve(plan, model_dir=base_dir)
     model, processor = loading.load_model(base_plan, for_training=True)
-    if needs_reference is None:
-        needs_reference = plan.config.beta > 0
     ref_adapter = ref_model = None
     if adapter_dir is not None and plan.adapter.name in PEFT_ADAPTERS:
         from peft import PeftModel
@@ -169,9 +186,8 @@ def build_trainer(plan: Plan):
     records = read_dataset(plan.dataset, on_bad_record=config.on_bad_record,
                            allow_remote_images=config.allow_remote_images, max_samples=config.max_samples)  # fmt: skip
     prompts = PromptDataset(records)
-    device = plan.launch.device if plan.launch else config.device
-    args = training_arguments(config, device if device != "auto" else _auto_device(), has_eval=False,
-                              include_num_input_tokens_seen="no", **adapter_trainer_overrides(plan))  # fmt: skip
+    args = training_arguments(config, plan.launch.device, has_eval=False, include_num_input_tokens_seen="no",
+                              **adapter_trainer_overrides(plan))  # fmt: skip
     trainer = RLTrainer(
         model=model,
         args=args,
@@ -186,7 +202,7 @@ def build_trainer(plan: Plan):
         ref_model=ref_model,
         ref_adapter=ref_adapter,
     )
-    if ref_model is not None:
+    if ref_model is not None:  # where the Trainer has put the policy
         ref_model.to(next(model.parameters()).device)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -234,9 +250,3 @@ def plot_reward_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
     fig.tight_layout()
     fig.savefig(path)
     return path
-
-
-def _auto_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

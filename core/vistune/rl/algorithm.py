@@ -71,10 +71,12 @@ class PolicyBatch:
         :meth:`RLAlgorithm.needs_reference_model` is false.
     :ivar mask: ``(B, T)`` float, 1.0 on real completion tokens.
     :ivar advantages: ``(B,)`` one advantage per completion.
-    :ivar num_sequences: completions in the whole batch this micro-batch belongs to.
-    :ivar num_tokens: completion tokens in that whole batch.  With these two, a loss
-        normalised "over the batch" gives the same gradient however the batch is split
-        into micro-batches.
+    :ivar num_sequences: completions in the batch the loss is normalised over.
+    :ivar num_tokens: completion tokens in that batch.  Given the counts of a whole
+        batch, a loss normalised "over the batch" gives the same gradient however the
+        batch is split into micro-batches.  vistune's trainer passes each micro-batch's
+        own counts (the later micro-batches of an accumulated step are not sampled yet)
+        and averages the micro-batches' losses.
     :ivar max_completion_length: the generation limit (Dr. GRPO's constant normaliser).
     """
 
@@ -167,10 +169,10 @@ def read_options(algorithm: str, config: Any, defaults: Mapping[str, Any]) -> di
         default = defaults[key]
         if isinstance(default, bool):
             ok = isinstance(value, bool)
-        elif isinstance(default, (int, float)) and default is not None:
+        elif isinstance(default, (int, float)):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok and isinstance(default, int) and not isinstance(default, bool) and float(value) != int(value):
-                ok = False
+            if ok and isinstance(default, int):
+                ok = float(value).is_integer()  # false for 2.5, and for YAML's .inf and .nan
             if ok:
                 value = type(default)(value)
         elif isinstance(default, str):

@@ -17,6 +17,7 @@ __all__ = [
     "clipped_policy_loss",
     "clipped_surrogate",
     "group_mean",
+    "group_normalised_advantages",
     "group_std",
     "importance_log_ratio",
     "k3_kl",
@@ -54,6 +55,21 @@ def group_std(rewards: Any) -> Any:
     variance = squares / (count - 1).clamp(min=1)
     variance = torch.where(count > 1, variance, torch.full_like(variance, float("nan")))
     return variance.sqrt()
+
+
+def group_normalised_advantages(rewards: Any, std_epsilon: float, scale: bool = True) -> Any:
+    """``(G, n)`` -> ``(G, n)`` GRPO's advantages ``(r_i - mean(r)) / (std(r) + std_epsilon)`` per group.
+
+    ``scale=False`` leaves out the division (Dr. GRPO).  ``std_epsilon`` keeps a
+    near-constant group from exploding (TRL uses 1e-4).  Unscored completions, and
+    groups with fewer than two scored ones, get 0.
+    """
+    import torch
+
+    advantages = rewards - group_mean(rewards)
+    if scale:
+        advantages = advantages / (group_std(rewards) + std_epsilon)
+    return torch.nan_to_num(advantages, nan=0.0)
 
 
 def leave_one_out_baseline(rewards: Any) -> Any:

@@ -62,13 +62,6 @@ class LoadedReward:
     #: Where it came from, for error messages ("plugin vistune-bleu-reward", "file rewards.py").
     origin: str = ""
 
-    @property
-    def is_async(self) -> bool:
-        function = self.function
-        if inspect.iscoroutinefunction(function):
-            return True
-        return not inspect.isroutine(function) and inspect.iscoroutinefunction(type(function).__call__)
-
 
 def _import_file(path: Path) -> Any:
     """Import a Python file as a module of its own (not on sys.path, so nothing else is shadowed)."""
@@ -97,19 +90,12 @@ def _from_object(obj: Any, options: Mapping[str, Any], where: str) -> Any:
     if inspect.isfunction(obj) or inspect.ismethod(obj):
         if not options:
             return obj
-        if inspect.iscoroutinefunction(obj):
 
-            async def bound_async(prompts, completions, **columns):
-                return await obj(prompts, completions, **columns, **options)
-
-            bound_async.__name__ = obj.__name__
-            return bound_async
-
-        def bound(prompts, completions, **columns):
+        def with_options(prompts, completions, **columns):
+            # an async function's coroutine is returned as it is: the scorer awaits whatever is awaitable
             return obj(prompts, completions, **columns, **options)
 
-        bound.__name__ = obj.__name__
-        return bound
+        return with_options
     if callable(obj):
         if options:
             raise PluginError(f"{where} is a callable object, which cannot take options {dict(options)!r}",
@@ -141,8 +127,6 @@ def load_reward(use: Any, owner: str = "") -> LoadedReward:
     except TypeError as exc:
         raise PluginError(f"reward {spec.name!r} ({origin}) rejected its options {options!r}: {exc}",
                           hint="check the reward's options: in the config") from exc  # fmt: skip
-    except VistuneError:
-        raise
     if not callable(function):
         raise PluginError(f"reward {spec.name!r} ({origin}): factory returned {function!r}, which is not callable")
     return LoadedReward(spec.name, use.weight, function, origin)
@@ -265,24 +249,25 @@ class RewardScorer:
 
     def _checked(self, reward, result, prompts, completions, columns, sources) -> list[float | None]:
         n = len(completions)
-        if not isinstance(result, BaseException):
-            if not isinstance(result, (list, tuple)) or len(result) != n:
-                got = f"{len(result)} scores" if isinstance(result, (list, tuple)) else _short(result)
-                raise RewardError(
-                    f"reward {reward.name!r} ({reward.origin}) returned {got} for {n} completions",
-                    hint="a reward returns a list with one float (or None) per completion",
-                )
-            if all(_valid_score(s) for s in result):
-                return [None if s is None else float(s) for s in result]
-        # Something failed: score the samples one by one to find which, and keep the others.
+        if isinstance(result, BaseException):
+            # the batch call raised: score the samples one by one to find which, and keep the others
+            outcomes = [self._score_one(reward, prompts[i], completions[i], {k: [v[i]] for k, v in columns.items()})
+                        for i in range(n)]  # fmt: skip
+        elif isinstance(result, (list, tuple)) and len(result) == n:
+            outcomes = list(result)
+        else:
+            got = f"{len(result)} scores" if isinstance(result, (list, tuple)) else _short(result)
+            raise RewardError(
+                f"reward {reward.name!r} ({reward.origin}) returned {got} for {n} completions",
+                hint="a reward returns a list with one float (or None) per completion",
+            )
         out: list[float | None] = []
-        for i in range(n):
-            one = self._score_one(reward, prompts[i], completions[i], {k: [v[i]] for k, v in columns.items()})
-            if isinstance(one, BaseException) or not _valid_score(one):
-                self._fail(reward, i, one, prompts, completions, sources)
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, BaseException) or not _valid_score(outcome):
+                self._fail(reward, i, outcome, prompts, completions, sources)
                 out.append(None)
             else:
-                out.append(None if one is None else float(one))
+                out.append(None if outcome is None else float(outcome))
         if isinstance(result, BaseException) and self.error_policy == "raise":
             # the batch call raised, every sample alone succeeded: report the batch
             raise RewardError(

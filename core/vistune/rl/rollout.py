@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Keys of an encoded prompt that are not model inputs, or that are rebuilt for the full rows.
-_NOT_MODEL_INPUTS = ("labels", "attention_mask", "position_ids")
+_NOT_COPIED = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
 def prompt_of(record: Sample) -> Sample:
@@ -82,11 +82,13 @@ class Group:
     truncated: list[bool]
     #: reward name -> one unweighted score (or None) per completion.
     scores: dict[str, list[float | None]] = attrs.field(factory=dict)
-    #: ``(n,)`` weighted totals, ``NaN`` where no reward applied; then as shaped by the algorithm.
+    #: ``(n,)`` weighted totals, ``NaN`` where no reward applied.
     rewards: Any = None
+    #: ``(n,)`` the totals as the algorithm shaped them, and the advantages computed from those.
     shaped: Any = None
     advantages: Any = None
-    #: ``(n, T)`` per-token log-probabilities under the sampling and the reference policy, when needed.
+    #: When needed: per completion, a 1-D tensor of its tokens' log-probabilities under the sampling
+    #: and under the reference policy.
     old_logps: Any = None
     ref_logps: Any = None
 
@@ -116,12 +118,10 @@ def engine_factory(backend: Any) -> Any:
     return from_model
 
 
-def make_engine(
-    backend: Any, model: Any, processor: Any, encoder: Any, max_batch_size: int, config: Any = None
-) -> Any:
+def make_engine(backend: Any, model: Any, processor: Any, encoder: Any, max_batch_size: int, config: Any) -> Any:
     """An engine sampling from ``model`` for the plan's backend spec (see the module docstring)."""
     from_model = engine_factory(backend)
-    if backend is None or backend.name == "transformers":
+    if backend is None or backend.name == "transformers":  # runs the policy itself: nothing to configure
         return from_model(model, processor, encoder, max_batch_size=max_batch_size)
     return from_model(model, processor, encoder, max_batch_size=max_batch_size, config=config)
 
@@ -176,20 +176,24 @@ def image_placeholder_ids(model: Any) -> set[int]:
     return ids
 
 
-def policy_inputs(groups: Sequence[Group], pad_id: int, device: Any, dtype: Any, model: Any = None) -> dict[str, Any]:
-    """Model inputs for every completion of ``groups``: ``[prompt | completion]`` rows.
+def policy_inputs(groups: Sequence[Group], pad_id: int, model: Any) -> dict[str, Any]:
+    """``model``'s inputs for every completion of ``groups``: ``[prompt | completion]`` rows.
 
-    Returns the forward keyword arguments plus ``completion_ids`` and
-    ``completion_mask`` ``(B, T)``.  A completion in which the model sampled an image
+    Returns the forward keyword arguments, on the model's device, plus ``completion_ids``
+    and ``completion_mask`` ``(B, T)``.  A completion in which the model sampled an image
     placeholder token is scored only up to that token (see below).  Prompts are left-padded, completions right-padded;
     per-token prompt inputs (Qwen-VL's ``mm_token_type_ids``) are padded with 0 and
     extended with 0 over the completion; image tensors are repeated for each of a
-    group's completions, in row order.
+    group's completions, in row order, in the dtype of the model's weights.
     """
     import torch
 
     from vistune.data.collate import pad_tensors
 
+    first = next(model.parameters())
+    device = first.device
+    # the first floating weight's: a 4-bit model's quantized weights are stored as integers
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), first.dtype)
     rows = [(group, i) for group in groups for i in range(group.size)]
     prompt_len = max(len(group.encoded["input_ids"]) for group in groups)
     completion_len = max(len(group.completion_ids[i]) for group, i in rows)
@@ -201,38 +205,37 @@ def policy_inputs(groups: Sequence[Group], pad_id: int, device: Any, dtype: Any,
     token_keys = [
         key
         for key, value in groups[0].encoded.items()
-        if key not in ("input_ids", *_NOT_MODEL_INPUTS) and isinstance(value, list)
-        and len(value) == len(groups[0].encoded["input_ids"])
+        if key not in _NOT_COPIED and isinstance(value, list) and len(value) == len(groups[0].encoded["input_ids"])
     ]  # fmt: skip
     per_token = {key: torch.zeros((batch, prompt_len + completion_len), dtype=torch.long) for key in token_keys}
     tensors: dict[str, list[Any]] = {}
-    placeholders = image_placeholder_ids(model) if model is not None else set()
+    placeholders = image_placeholder_ids(model)
     for row, (group, i) in enumerate(rows):
         prompt = group.encoded["input_ids"]
         start = prompt_len - len(prompt)
-        completion = group.completion_ids[i]
-        given = list(completion)
-        cut = next((k for k, token in enumerate(completion) if token in placeholders), None)
+        scored = group.completion_ids[i]  # the tokens whose log-probabilities are computed
+        fed = list(scored)  # the tokens the model reads
+        cut = next((k for k, token in enumerate(scored) if token in placeholders), None)
         if cut is not None:
             # A sampled image placeholder would make the model look for an image that is not there: the
             # completion is scored up to and including that token, which enters the model as padding.
-            completion = completion[: cut + 1]
-            given = completion[:cut] + [pad_id]
+            scored = scored[: cut + 1]
+            fed = scored[:cut] + [pad_id]
         input_ids[row, start:prompt_len] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[row, prompt_len : prompt_len + len(completion)] = torch.tensor(given, dtype=torch.long)
-        attention_mask[row, start : prompt_len + len(completion)] = 1
-        completion_ids[row, : len(completion)] = torch.tensor(completion, dtype=torch.long)
-        completion_mask[row, : len(completion)] = 1.0
+        input_ids[row, prompt_len : prompt_len + len(scored)] = torch.tensor(fed, dtype=torch.long)
+        attention_mask[row, start : prompt_len + len(scored)] = 1
+        completion_ids[row, : len(scored)] = torch.tensor(scored, dtype=torch.long)
+        completion_mask[row, : len(scored)] = 1.0
         for key in token_keys:
             per_token[key][row, start:prompt_len] = torch.tensor(group.encoded[key], dtype=torch.long)
         for key, value in group.encoded.items():
-            if key in ("input_ids", *_NOT_MODEL_INPUTS) or key in token_keys or value is None:
+            if key in _NOT_COPIED or key in token_keys or value is None:
                 continue
             tensors.setdefault(key, []).append(torch.as_tensor(value))
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, **per_token}
     for key, values in tensors.items():
         inputs[key] = pad_tensors(values)
-    multimodal_positions = model is not None and _rope_owner(model) is not None and "image_grid_thw" in inputs
+    multimodal_positions = _rope_owner(model) is not None and "image_grid_thw" in inputs
     if not multimodal_positions:
         # the engine's positions: real tokens counted from 0 whatever the left padding
         inputs["position_ids"] = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)

@@ -31,6 +31,7 @@ algorithm shapes rewards), ``completion_length/{mean,min,max}``, ``completion_tr
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import defaultdict
@@ -39,6 +40,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from vistune.rl.algorithm import PolicyBatch, RolloutStats
+from vistune.rl.objectives import k3_kl, masked_average
 from vistune.rl.rewards import RewardScorer, combine
 from vistune.rl.rollout import Group, completion_logps, generate_groups, make_engine, policy_inputs
 from vistune.training.trainer import VistuneTrainer
@@ -60,11 +62,22 @@ def _reduction(key: str) -> str:
     return "mean"
 
 
+def _combine(key: str, values: Sequence[float]) -> float:
+    """Values of one metric combined over steps or processes: the extreme for ``/max`` and ``/min``
+    metrics, else the sum (which a mean divides by the count)."""
+    if not values:
+        return 0.0
+    how = _reduction(key)
+    return max(values) if how == "max" else min(values) if how == "min" else sum(values)
+
+
 class RepeatingSampler:
     """Random order over the dataset in which each window of ``window`` indices comes ``repeat`` times.
 
     The window is the prompts of one optimizer step over all processes, so with
     ``num_iterations`` mu every process sees the same prompts for mu steps in a row.
+    The last window is filled up from the start of the epoch's order: the trainer tells
+    a repeat from new prompts by counting micro-batches, so every window must be whole.
     """
 
     def __init__(self, size: int, window: int, repeat: int, seed: int):
@@ -77,13 +90,14 @@ class RepeatingSampler:
     def __iter__(self) -> Iterator[int]:
         order = list(range(self.size))
         random.Random(self.seed + self.epoch).shuffle(order)
-        for start in range(0, self.size, self.window):
+        order = list(itertools.islice(itertools.cycle(order), len(self) // self.repeat))
+        for start in range(0, len(order), self.window):
             block = order[start : start + self.window]
             for _ in range(self.repeat):
                 yield from block
 
     def __len__(self) -> int:
-        return self.size * self.repeat
+        return math.ceil(self.size / self.window) * self.window * self.repeat
 
 
 def _collate_prompts(batch: Sequence[Any]) -> list[Any]:
@@ -128,7 +142,7 @@ class RLTrainer(VistuneTrainer):
         self.num_generations = config.num_generations
         self.max_completion_length = config.max_completion_length
         self.temperature = 1.0 if config.temperature is None else float(config.temperature)
-        self.num_iterations = max(int(getattr(algorithm, "num_iterations", 1) or 1), 1)
+        self.num_iterations = algorithm.num_iterations
         self._engine = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._buffer: dict[int, list[Group]] = {}
@@ -153,6 +167,7 @@ class RLTrainer(VistuneTrainer):
         if self._refill is None:
 
             def endless():
+                # an order of its own, not the sampler's, and different in each process
                 rng = random.Random(self.args.seed * 7919 + self.args.process_index)
                 while True:
                     order = list(range(len(self.train_dataset)))
@@ -170,6 +185,8 @@ class RLTrainer(VistuneTrainer):
         import torch
 
         model.train()  # log-probabilities in the mode the loss is computed in, as TRL does
+        # micro-batches come in cycles of accumulation x mu: the first optimizer step's micro-batches sample new
+        # rollouts, the repeats of the same prompts reuse them (a resumed run has none stored, so it samples)
         accumulation = self.args.gradient_accumulation_steps
         position = self._micro_steps % (accumulation * self.num_iterations)
         self._micro_steps += 1
@@ -178,14 +195,15 @@ class RLTrainer(VistuneTrainer):
             self._buffer[slot] = self._rollout(list(inputs))
         groups = self._buffer[slot]
 
-        unwrapped = self.accelerator.unwrap_model(model)
-        policy = self._inputs(groups, unwrapped)
+        policy = policy_inputs(groups, self.pad_id, self.accelerator.unwrap_model(model))
         mask = policy["completion_mask"]
         with self.compute_loss_context_manager():
             logps = completion_logps(model, policy, self.temperature)
         old = self._stack(groups, "old_logps", mask) if self.num_iterations > 1 else None
         ref = self._stack(groups, "ref_logps", mask) if self.algorithm.needs_reference_model() else None
         advantages = torch.cat([group.advantages for group in groups]).to(logps.device, logps.dtype)
+        # the micro-batch is the batch its loss is normalised over (the later ones of this step are not sampled
+        # yet); dividing by the accumulation steps averages the micro-batches' losses
         batch = PolicyBatch(
             logps=logps,
             old_logps=logps.detach() if old is None else old,
@@ -199,9 +217,7 @@ class RLTrainer(VistuneTrainer):
         out = self.algorithm.loss(batch)
         for key, value in out.metrics.items():
             self._metrics[key].append(float(value))
-        if "kl" not in out.metrics and ref is not None:
-            from vistune.rl.objectives import k3_kl, masked_average
-
+        if "kl" not in out.metrics and ref is not None:  # a KL in the reward (RLOO), or none: logged all the same
             self._metrics["kl"].append(masked_average(k3_kl(logps.detach(), ref), mask))
         loss = out.loss / self.current_gradient_accumulation_steps
         self.accelerator.backward(loss)
@@ -220,7 +236,7 @@ class RLTrainer(VistuneTrainer):
         scored_groups: list[Group] = []
         filtered = rounds = 0
         pending = prompts
-        max_rounds = max(int(getattr(algorithm, "max_sampling_rounds", 1) or 1), 1) if algorithm.refill_groups else 1
+        max_rounds = algorithm.max_sampling_rounds if algorithm.refill_groups else 1
         while True:
             rounds += 1
             groups = self._sample(model, pending)
@@ -251,7 +267,6 @@ class RLTrainer(VistuneTrainer):
             # nothing worth learning from after every round: train on the last round (zero advantages), which keeps
             # every process doing the same forward and backward passes
             kept = last
-        kept = kept[:target]
         shaped = torch.stack([group.shaped for group in kept])
         advantages = algorithm.advantages(shaped)
         unscored = torch.isnan(torch.stack([group.rewards for group in kept]))
@@ -324,7 +339,7 @@ class RLTrainer(VistuneTrainer):
         need_ref = self.algorithm.needs_reference_model()
         if not (need_old or need_ref):
             return
-        inputs = self._inputs(groups, model)
+        inputs = policy_inputs(groups, self.pad_id, model)
         lengths = [int(n) for n in inputs["completion_mask"].sum(dim=1).tolist()]
         with torch.no_grad(), self.compute_loss_context_manager():
             if need_old:
@@ -364,11 +379,6 @@ class RLTrainer(VistuneTrainer):
         return torch.stack([(old - ref).sum() for old, ref in zip(group.old_logps, group.ref_logps)]).float().cpu()
 
     # -- tensors -------------------------------------------------------------------
-
-    def _inputs(self, groups: list[Group], model: Any) -> dict[str, Any]:
-        parameter = next(model.parameters())
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), parameter.dtype)
-        return policy_inputs(groups, self.pad_id, parameter.device, dtype, model)
 
     @staticmethod
     def _split(groups: list[Group], field: str, logps: Any, lengths: list[int]) -> None:
@@ -417,13 +427,11 @@ class RLTrainer(VistuneTrainer):
             metrics[f"reward_errors/{name}"].append(count)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # per metric: (sum, or max / min for the extremes, over the steps since the last log; how many values)
+        # per metric: (its values since the last log combined, how many values)
         local = {}
         for key, values in self._metrics.items():
             finite = [v for v in values if not math.isnan(v)]
-            how = _reduction(key)
-            total = (max(finite) if how == "max" else min(finite)) if finite and how in ("max", "min") else sum(finite)
-            local[key] = (float(total), len(finite))
+            local[key] = (float(_combine(key, finite)), len(finite))
         merged = self._merge_processes(local) if self.args.world_size > 1 else local
         for key, (total, count) in merged.items():
             if not count:
@@ -449,15 +457,7 @@ class RLTrainer(VistuneTrainer):
         merged = {}
         for k, key in enumerate(keys):
             values = [process[k] for process in every if process[k][1] > 0]
-            count = int(sum(c for _, c in values))
-            how = _reduction(key)
-            if how == "max":
-                total = max((v for v, _ in values), default=0.0)
-            elif how == "min":
-                total = min((v for v, _ in values), default=0.0)
-            else:
-                total = sum(v for v, _ in values)
-            merged[key] = (total, count)
+            merged[key] = (_combine(key, [v for v, _ in values]), int(sum(c for _, c in values)))
         return merged
 
     def close_engine(self) -> None:

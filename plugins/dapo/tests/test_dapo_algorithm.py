@@ -86,6 +86,13 @@ def test_overlong_shaping(plugin_manager):
     shaped = algo.shape_rewards(torch.tensor([1.0, 1.0, 1.0, float("nan"), 0.0]), stats)
     expected = [1.0, 1.0, 1.0 + (16 - 17) / 4, float("nan"), (16 - 20) / 4]
     np.testing.assert_allclose(shaped.numpy(), expected)
+    # TRL's implementation of the same eq. 13, on every length a run can sample
+    from trl.rewards import get_soft_overlong_punishment
+
+    lengths = torch.arange(0, 21)
+    trl = get_soft_overlong_punishment(max_completion_len=20, soft_punish_cache=4)([[0] * n for n in lengths.tolist()])
+    np.testing.assert_allclose(algo.shape_rewards(torch.zeros(21), RolloutStats(lengths, lengths >= 20, 20)).numpy(),
+                               trl, rtol=1e-6)  # fmt: skip
     # default buffer: 20% of max_completion_length, as in the paper (4096 of 20480)
     assert dapo(plugin_manager, max_completion_length=20480).overlong_buffer == 4096
     off = dapo(plugin_manager, algorithm_options={"overlong_shaping": False})

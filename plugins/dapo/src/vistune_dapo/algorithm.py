@@ -27,11 +27,7 @@ from typing import Any, ClassVar
 
 from vistune.errors import ConfigError
 from vistune.rl.algorithm import PolicyBatch, PolicyLoss, RLAlgorithm, RolloutStats, read_options
-from vistune.rl.objectives import (
-    clipped_policy_loss,
-    group_mean,
-    group_std,
-)
+from vistune.rl.objectives import clipped_policy_loss, group_normalised_advantages
 
 __all__ = ["DAPO", "overlong_penalty"]
 
@@ -71,13 +67,12 @@ class DAPO(RLAlgorithm):
 
     def __init__(self, config: Any):
         options = read_options(self.name, config, self.OPTIONS)
-        self.options = options
         self.beta = float(config.beta)
         self.epsilon_low = float(config.epsilon)
         self.epsilon_high = float(config.epsilon_high if config.epsilon_high is not None else config.epsilon)
-        self.refill_groups = bool(options["dynamic_sampling"])
-        self.max_sampling_rounds = int(options["max_sampling_rounds"]) if self.refill_groups else 1
-        self.overlong_shaping = bool(options["overlong_shaping"])
+        self.refill_groups = options["dynamic_sampling"]
+        self.max_sampling_rounds = options["max_sampling_rounds"] if self.refill_groups else 1
+        self.overlong_shaping = options["overlong_shaping"]
         self.max_completion_length = int(config.max_completion_length)
         buffer = options["overlong_buffer"]
         if buffer is None:
@@ -88,9 +83,9 @@ class DAPO(RLAlgorithm):
                 f"1..max_completion_length ({self.max_completion_length}), got {buffer!r}"
             )
         self.overlong_buffer = buffer
-        self.overlong_factor = float(options["overlong_penalty"])
-        self.std_epsilon = float(options["std_epsilon"])
-        self.num_iterations = int(options["num_iterations"])
+        self.overlong_factor = options["overlong_penalty"]
+        self.std_epsilon = options["std_epsilon"]
+        self.num_iterations = options["num_iterations"]
         if self.num_iterations < 1 or self.max_sampling_rounds < 1:
             raise ConfigError("algorithm_options: num_iterations and max_sampling_rounds of dapo must be at least 1")
 
@@ -119,10 +114,7 @@ class DAPO(RLAlgorithm):
         return torch.isfinite(low) & torch.isfinite(high) & (high > low)
 
     def advantages(self, rewards: Any) -> Any:
-        import torch
-
-        advantages = (rewards - group_mean(rewards)) / (group_std(rewards) + self.std_epsilon)
-        return torch.nan_to_num(advantages, nan=0.0)
+        return group_normalised_advantages(rewards, self.std_epsilon)
 
     def loss(self, batch: PolicyBatch) -> PolicyLoss:
         # per-token ratios clipped with clip-higher's range; every token of the batch weighs the same

@@ -27,8 +27,7 @@ from vistune.rl.algorithm import PolicyBatch, PolicyLoss, RLAlgorithm, RolloutSt
 from vistune.rl.objectives import (
     NORMALISATIONS,
     clipped_policy_loss,
-    group_mean,
-    group_std,
+    group_normalised_advantages,
     leave_one_out_baseline,
 )
 
@@ -61,8 +60,7 @@ class GRPO(RLAlgorithm):
         self.beta = float(config.beta)
         self.epsilon_low = float(config.epsilon)
         self.epsilon_high = float(config.epsilon_high if config.epsilon_high is not None else config.epsilon)
-        self.options = read_options(self.name, config, self.OPTIONS)
-        self.configure(self.options)
+        self.configure(read_options(self.name, config, self.OPTIONS))
         if self.num_iterations < 1:
             raise ConfigError(f"algorithm_options: num_iterations of {self.name} must be at least 1")
 
@@ -84,12 +82,7 @@ class GRPO(RLAlgorithm):
                 f"scale_rewards={self.scale_rewards}, num_iterations={self.num_iterations})")  # fmt: skip
 
     def advantages(self, rewards: Any) -> Any:
-        import torch
-
-        advantages = rewards - group_mean(rewards)
-        if self.scale_rewards:
-            advantages = advantages / (group_std(rewards) + self.std_epsilon)
-        return torch.nan_to_num(advantages, nan=0.0)
+        return group_normalised_advantages(rewards, self.std_epsilon, scale=self.scale_rewards)
 
     def kl_in_loss(self) -> bool:
         """Whether ``beta`` weighs a KL term of the loss (GRPO) rather than a reward penalty (RLOO)."""
