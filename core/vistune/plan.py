@@ -334,6 +334,13 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
         plan.eval_dataset = _resolve_dataset(plan, pm, "eval_dataset", config.eval_dataset, required=False)
     if task == "rl":
         plan.algorithm = _lookup(plan, pm.registries.algorithms, "algorithm", config.algorithm)
+        if config.parallel_method == "fsdp":
+            plan.problem("parallel_method", "vistune rl cannot shard the policy with fsdp: rollouts sample from the "
+                         "whole weights in each process", hint="set parallel_method: ddp")  # fmt: skip
+        if config.temperature is not None and config.temperature <= 0:
+            # log-probabilities are divided by it, and greedy completions would leave no group any spread
+            plan.problem("temperature", f"vistune rl samples, so temperature must be above 0, got {config.temperature}",
+                         hint="leave temperature out (1.0) or set it above 0")  # fmt: skip
     if task in ("rl", "infer"):
         _resolve_rewards(plan, pm, required=task == "rl")
     if task in ("rl", "infer", "serve"):

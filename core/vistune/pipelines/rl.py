@@ -89,23 +89,10 @@ def with_algorithm_defaults(plan: Plan) -> Plan:
 
 
 def refuse_unsupported(plan: Plan) -> None:
-    """Raise ConfigError, before anything loads, for what a run cannot train with.
-
-    A backend that cannot sample from the policy in memory; FSDP, whose shards the rollout
-    engine cannot sample from; a temperature of 0 or below, by which the log-probabilities
-    are divided (and greedy completions would all be alike, so no group would have a signal).
-    """
+    """Raise ConfigError, before anything loads, for a backend that cannot sample from the policy in memory."""
     from vistune.rl.rollout import engine_factory
 
-    config = plan.config
     engine_factory(plan.backend)
-    if config.parallel_method == "fsdp":
-        raise ConfigError(f"{plan.loaded.where('parallel_method')}: vistune rl cannot shard the policy with fsdp: "
-                          "rollouts sample from the whole weights in each process",
-                          hint="set parallel_method: ddp")  # fmt: skip
-    if config.temperature is not None and config.temperature <= 0:
-        raise ConfigError(f"{plan.loaded.where('temperature')}: vistune rl samples, so temperature must be above 0, "
-                          f"got {config.temperature}", hint="leave temperature out (1.0) or set it above 0")  # fmt: skip
 
 
 def policy_dirs(plan: Plan) -> tuple[Path, Path | None]:
