@@ -49,7 +49,7 @@ def truncated_at_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids
 
 
-def engine_for(kind: str, model_type: str, plugin_manager, path, **config) -> TransformersEngine:
+def engine_for(model_type: str, plugin_manager, path, **config) -> TransformersEngine:
     spec = plugin_manager.registries.models.get(model_type)
     return TransformersEngine(str(path), spec, RunConfig(task="infer", device="cpu", **config))
 
@@ -58,7 +58,7 @@ def engine_for(kind: str, model_type: str, plugin_manager, path, **config) -> Tr
 def llama_engine(tiny_llama):
     from vistune.plugins import get_plugin_manager
 
-    engine = engine_for("llama", "causal-lm", get_plugin_manager(), tiny_llama, max_batch_size=4)
+    engine = engine_for("causal-lm", get_plugin_manager(), tiny_llama, max_batch_size=4)
     yield engine
     engine.close()
 
@@ -248,6 +248,13 @@ def test_requests_that_do_not_fit_are_refused(llama_engine):
     )
 
 
+@pytest.mark.parametrize("prompt", ["", [], [True, False], 3.5, [[1, 2]]])
+def test_malformed_prompts_are_refused(llama_engine, prompt):
+    with pytest.raises(RequestError) as info:
+        llama_engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=2))])
+    assert info.value.param == "prompt"
+
+
 def test_closing_a_stream_early_cancels_its_request(llama_engine):
     async def abandon():
         stream = llama_engine.stream(
@@ -284,7 +291,7 @@ def test_lora_adapters_match_peft(tiny_llama, lora_dirs, plugin_manager):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    engine = engine_for("llama", "causal-lm", plugin_manager, tiny_llama, adapter_path=str(lora_dirs[0]))
+    engine = engine_for("causal-lm", plugin_manager, tiny_llama, adapter_path=str(lora_dirs[0]))
     try:
         engine.add_adapter("second", str(lora_dirs[1]))
         requests = [GenerationRequest(chat(PROMPTS[0]), SamplingParams(max_tokens=10)),
@@ -319,7 +326,7 @@ def test_vision_prompts_joining_midway_match_generate(kind, plugin_manager, requ
         "qwen2.5-vl": "tiny_qwen2_5_vl",
     }
     path = request.getfixturevalue(fixture[kind])
-    engine = engine_for(kind, kind, plugin_manager, path)
+    engine = engine_for(kind, plugin_manager, path)
     red, blue = _images()
     samples = [chat("<image>\nDescribe the image.", [red]), chat("<image>\nWhat shape is it, and where?", [blue]),
                chat("What colour is the sky?")]  # fmt: skip
@@ -383,7 +390,7 @@ def test_sliding_window_models_batch_without_merging(llama_engine):
 def test_closed_engine_refuses_requests(tiny_llama, plugin_manager):
     from vistune.inference import EngineClosedError
 
-    engine = engine_for("llama", "causal-lm", plugin_manager, tiny_llama)
+    engine = engine_for("causal-lm", plugin_manager, tiny_llama)
     engine.close()
     with pytest.raises(EngineClosedError):
         engine.generate([GenerationRequest(chat("hi"), SamplingParams(max_tokens=2))])

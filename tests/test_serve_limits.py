@@ -107,6 +107,26 @@ def test_graceful_shutdown_finishes_the_stream_in_flight(engine):
         httpx.get(server.url + "/health", timeout=5)
 
 
+def test_a_client_leaving_a_stream_of_several_prompts_frees_its_place(engine):
+    server = start(engine)
+    admission = server.server.config.app.state.admission
+    body = {"model": MODEL, "prompt": ["a red circle", "a blue square"], "max_tokens": 1000, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    try:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            for i, _ in enumerate(response.iter_lines()):
+                if i == 3:
+                    break
+        deadline = time.monotonic() + 30
+        while (admission.in_flight or engine._rows) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert admission.in_flight == 0  # the request left the admission limit
+        assert not engine._rows  # and both its prompts left the engine's batch
+    finally:
+        server.stop()
+
+
 def test_load_32_clients_every_request_answered(engine):
     """32 concurrent clients x 4 requests on loopback: none lost, each answered 200 or cleanly refused 429."""
     server = start(engine, max_batch_size=8, max_queue=64)

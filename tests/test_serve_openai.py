@@ -297,6 +297,14 @@ def test_prompt_longer_than_the_context_and_too_many_tokens(client):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100_000, stream=True)
 
 
+def test_one_refused_prompt_among_several_is_400(server):
+    """A prompt refused while the request's other prompt is being encoded: 400, not an internal error."""
+    body = {"model": MODEL, "prompt": ["a red circle", " ".join(["red circle"] * 1500)], "max_tokens": 4}
+    for stream in (False, True):
+        error = _error(_post(server, "/v1/completions", json.dumps({**body, "stream": stream})), 400)
+        assert error["code"] == "context_length_exceeded"
+
+
 def test_images_sent_to_a_text_model_are_refused(client):
     import base64
     import io

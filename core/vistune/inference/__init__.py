@@ -7,6 +7,7 @@ Importing this package is cheap: the transformers engine lives in
 """
 
 from vistune.inference.engine import (
+    BASE_ADAPTER,
     FINISH_LENGTH,
     FINISH_STOP,
     CompletionOutput,
@@ -17,11 +18,13 @@ from vistune.inference.engine import (
     RequestError,
     SamplingParams,
     StreamEvent,
+    check_adapter,
     check_context,
     collect,
 )
 
 __all__ = [
+    "BASE_ADAPTER",
     "FINISH_LENGTH",
     "FINISH_STOP",
     "CompletionOutput",
@@ -32,6 +35,7 @@ __all__ = [
     "RequestError",
     "SamplingParams",
     "StreamEvent",
+    "check_adapter",
     "check_context",
     "collect",
 ]

@@ -6,24 +6,28 @@ completions per prompt).  An engine therefore offers a blocking batched
 :meth:`Engine.generate` and an asynchronous per-request :meth:`Engine.stream`; both may
 be used at the same time from different threads.
 
-This module imports nothing heavy: a plugin's engine module imports it to build results.
+This module imports nothing heavy: a plugin's engine module imports it to build results
+and to apply the checks every engine makes alike (:func:`check_context`, :func:`check_adapter`).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from vistune.errors import VistuneError
+from vistune.errors import ConfigError, VistuneError
 from vistune.templates import Sample
 
 #: Completion finished on an end-of-sequence token or a stop string.
 FINISH_STOP = "stop"
 #: Completion finished because ``max_tokens`` (or the context length) was reached.
 FINISH_LENGTH = "length"
+#: ``GenerationRequest.adapter`` that asks for the base model even where a default adapter is set.
+BASE_ADAPTER = "__base__"
 
 
 class RequestError(VistuneError):
@@ -43,21 +47,6 @@ class EngineClosedError(VistuneError):
     """The engine was closed while the request waited or ran."""
 
 
-def _non_negative(instance, attribute, value):
-    if value < 0:
-        raise ValueError(f"{attribute.name} must not be negative, got {value}")
-
-
-def _at_least_one(instance, attribute, value):
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
-
-
-def _top_p_range(instance, attribute, value):
-    if not 0 < value <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {value}")
-
-
 def _stop_tuple(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -70,11 +59,11 @@ def _stop_tuple(value: Any) -> tuple[str, ...]:
 class SamplingParams:
     """How to pick tokens for one request.  ``temperature == 0`` means greedy decoding."""
 
-    max_tokens: int = attrs.field(default=128, validator=_at_least_one)
-    temperature: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
-    top_p: float = attrs.field(default=1.0, converter=float, validator=_top_p_range)
+    max_tokens: int = attrs.field(default=128, validator=attrs.validators.ge(1))
+    temperature: float = attrs.field(default=0.0, converter=float, validator=attrs.validators.ge(0))
+    top_p: float = attrs.field(default=1.0, converter=float, validator=(attrs.validators.gt(0), attrs.validators.le(1)))
     #: Completions to draw for the prompt; they share one prefill.
-    n: int = attrs.field(default=1, validator=_at_least_one)
+    n: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     #: Strings that end a completion; the text stops before the first one found.
     stop: tuple[str, ...] = attrs.field(default=(), converter=_stop_tuple)
     #: Same seed, prompt and parameters give the same completions.  Completion ``i`` of
@@ -82,10 +71,6 @@ class SamplingParams:
     seed: int | None = None
     #: Keep generating past end-of-sequence tokens (benchmarks, fixed-length rollouts).
     ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @attrs.define
@@ -96,7 +81,7 @@ class GenerationRequest:
     model's template, images included), raw text (tokenized as is, no chat template),
     or token ids.  ``adapter`` names a LoRA adapter added with
     :meth:`Engine.add_adapter`; ``None`` uses the engine's default (the configured
-    ``adapter_path``, if any, else the base model).
+    ``adapter_path``, if any, else the base model), :data:`BASE_ADAPTER` the base model.
     """
 
     prompt: Sample | str | list[int]
@@ -132,14 +117,6 @@ class GenerationResult:
     def text(self) -> str:
         """The first completion's text (the only one when ``n == 1``)."""
         return self.outputs[0].text
-
-    def usage(self) -> dict[str, int]:
-        """Token counts in the OpenAI API's ``usage`` shape."""
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
 
 
 @attrs.frozen
@@ -191,13 +168,13 @@ class Engine(Protocol):
         """Stop the engine and free its memory; waiting requests fail with :class:`EngineClosedError`."""
 
 
-async def collect(events: AsyncIterator[StreamEvent], request_id: str = "") -> GenerationResult:
-    """Gather a stream into a :class:`GenerationResult` (token ids and text per completion)."""
+def result_from_events(events: Iterable[StreamEvent], request_id: str = "") -> GenerationResult:
+    """The :class:`GenerationResult` that a request's stream events add up to."""
     texts: dict[int, list[str]] = {}
     tokens: dict[int, list[int]] = {}
     reasons: dict[int, str] = {}
     prompt_tokens = 0
-    async for event in events:
+    for event in events:
         prompt_tokens = event.prompt_tokens or prompt_tokens
         texts.setdefault(event.index, []).append(event.text)
         tokens.setdefault(event.index, []).extend(event.token_ids)
@@ -207,6 +184,38 @@ async def collect(events: AsyncIterator[StreamEvent], request_id: str = "") -> G
         CompletionOutput(i, "".join(texts[i]), tokens.get(i, []), reasons.get(i, FINISH_STOP)) for i in sorted(texts)
     ]
     return GenerationResult(request_id, outputs, prompt_tokens)
+
+
+async def collect(events: AsyncIterator[StreamEvent], request_id: str = "") -> GenerationResult:
+    """Gather a stream into a :class:`GenerationResult` (token ids and text per completion)."""
+    return result_from_events([event async for event in events], request_id)
+
+
+def check_adapter(name: str | None, loaded: Iterable[str]) -> None:
+    """Refuse a request naming an adapter the engine has not loaded.
+
+    :raises RequestError: with code ``model_not_found`` (the server answers 400).
+    """
+    loaded = set(loaded)
+    if name is not None and name != BASE_ADAPTER and name not in loaded:
+        raise RequestError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(loaded)) or 'none'}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+
+def check_adapter_dir(path: str) -> None:
+    """Refuse a directory :meth:`Engine.add_adapter` cannot load.
+
+    :raises ConfigError: unless ``path`` holds a peft adapter (``adapter_config.json``).
+    """
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise ConfigError(f"{path} is not a peft adapter directory (no adapter_config.json)",
+                          hint="point adapter_path at the directory `vistune sft` saved")  # fmt: skip
+
+
+def adapter_to_use(request: GenerationRequest, default: str | None) -> str | None:
+    """The adapter a request runs with: its own, else the engine's ``default``; ``None`` for the base model."""
+    name = request.adapter or default
+    return None if name == BASE_ADAPTER else name
 
 
 def check_context(prompt_tokens: int, sampling: SamplingParams, max_model_len: int) -> None:

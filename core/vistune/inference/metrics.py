@@ -50,8 +50,8 @@ def check_metrics(names: Sequence[str]) -> None:
                           hint="rewards: can score outputs with any registered reward too")  # fmt: skip
 
 
-def score(names: Sequence[str], predictions: Sequence[str], references: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """Per metric: ``{"mean": float | None, "count": samples with a reference, "scores": per sample or None}``."""
+def score(names: Sequence[str], predictions: Sequence[str], references: Sequence[Any]) -> dict[str, list[float | None]]:
+    """Per metric, the score of each prediction (``None`` where it has no reference)."""
     check_metrics(names)
     out = {}
     for name in names:
@@ -60,6 +60,5 @@ def score(names: Sequence[str], predictions: Sequence[str], references: Sequence
         for prediction, reference in zip(predictions, references):
             refs = _references(reference)
             scores.append(metric(prediction, refs) if refs else None)
-        valid = [s for s in scores if s is not None]
-        out[name] = {"mean": sum(valid) / len(valid) if valid else None, "count": len(valid), "scores": scores}
+        out[name] = scores
     return out

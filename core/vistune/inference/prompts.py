@@ -1,15 +1,84 @@
-"""Prompts for engines with their own multimodal processors (vLLM, SGLang).
+"""The prompt of a :class:`vistune.inference.GenerationRequest` as the model sees it.
 
-vistune's template encoders expand each image into as many image tokens as the model
-has features for it.  Engines such as vLLM and SGLang do that expansion themselves,
-from one placeholder per image: :func:`collapse_image_tokens` turns each run of image
-tokens back into the single placeholder the checkpoint's processor writes.
+Every engine encodes prompts the same way, so all backends accept the same prompts and
+count their tokens alike: a conversation with the model's template (as in training), raw
+text with the tokenizer as it is, token ids as given (:func:`encode_prompt`).
+
+Engines with their own multimodal processors (vLLM, SGLang) load the checkpoint
+themselves and take the images apart from the ids.  vistune's template encoders expand
+each image into as many image tokens as the model has features for it, while these
+engines expand it themselves, from one placeholder per image: :func:`prompt_ids_and_images`
+gives them the ids and the images, and :func:`collapse_image_tokens` turns each run of
+image tokens back into the single placeholder the checkpoint's processor writes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+
+def tokenizer_of(processor: Any) -> Any:
+    """The tokenizer of a multimodal processor, or the processor itself if it is a tokenizer."""
+    return getattr(processor, "tokenizer", None) or processor
+
+
+def template_encoder(processor: Any, template_name: str, max_length: int) -> Any:
+    """The :class:`vistune.templates.Encoder` of a registered template; longer prompts are refused."""
+    from vistune.plugins import get_plugin_manager
+    from vistune.specs import load_ref
+    from vistune.templates import TemplateOptions
+
+    template = get_plugin_manager().registries.templates.get(template_name)
+    return load_ref(template.factory)(processor, TemplateOptions(max_length=max_length, truncation="error"))
+
+
+def encode_prompt(prompt: Any, encoder: Any, tokenizer: Any) -> dict[str, Any]:
+    """Model inputs of a request's prompt: ``input_ids`` (a list), plus a conversation's image tensors.
+
+    A :class:`vistune.templates.Sample` is encoded with the template ``encoder``, a string
+    with ``tokenizer`` as is (no chat template), token ids are checked against the vocabulary.
+
+    :raises vistune.inference.RequestError: for an empty or malformed prompt.
+    """
+    from vistune.inference.engine import RequestError
+    from vistune.templates import Sample
+
+    if isinstance(prompt, Sample):
+        inputs = dict(encoder.encode_prompt(prompt))
+        inputs["input_ids"] = list(inputs["input_ids"])
+        return inputs
+    if isinstance(prompt, str):
+        if not prompt:
+            raise RequestError("the prompt is empty", param="prompt")
+        return {"input_ids": list(tokenizer(prompt)["input_ids"])}
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = len(tokenizer)
+        if not prompt or any(not 0 <= t < vocab for t in prompt):
+            raise RequestError(f"prompt token ids must be a non-empty list of ids in [0, {vocab})", param="prompt")
+        return {"input_ids": list(prompt)}
+    raise RequestError(f"a prompt must be a Sample, a string or token ids, got {type(prompt).__name__}", param="prompt")
+
+
+# -- engines with their own multimodal processors (vLLM, SGLang) -----------------------------
+
+
+def load_processor(model_path: str, trust_remote_code: bool) -> Any:
+    """The checkpoint's processor (vision models) or tokenizer, without loading weights."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, TypeError):
+        # e.g. processors that insist on a video processor (torchvision) for an image-only use
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+def context_length(hf_config: dict[str, Any], max_length: int) -> int:
+    """``max_length`` capped by the ``max_position_embeddings`` of a checkpoint's ``config.json``."""
+    text_config = hf_config.get("text_config") or hf_config
+    model_len = text_config.get("max_position_embeddings") or hf_config.get("max_position_embeddings")
+    return min(max_length, model_len) if model_len else max_length
 
 
 def image_token_id(hf_config: dict[str, Any]) -> int | None:
@@ -34,40 +103,15 @@ def collapse_image_tokens(input_ids: Sequence[int], token_id: int | None) -> lis
 
 
 def prompt_ids_and_images(prompt: Any, encoder: Any, tokenizer: Any) -> tuple[list[int], list[Any]]:
-    """Token ids of a :class:`vistune.inference.GenerationRequest` prompt, and its images as PIL images.
-
-    A :class:`vistune.templates.Sample` is encoded with the template ``encoder`` (ids with
-    images expanded), a string with ``tokenizer`` as is, token ids are checked.
+    """Token ids of a request's prompt (images expanded, as :func:`encode_prompt` gives them),
+    and the conversation's images as RGB PIL images.
 
     :raises vistune.inference.RequestError: for an empty or malformed prompt.
     """
-    from vistune.inference.engine import RequestError
+    from vistune.data.readers import open_image
     from vistune.templates import Sample
 
-    if isinstance(prompt, Sample):
-        ids = list(encoder.encode_prompt(prompt)["input_ids"])
-        return ids, [_as_pil(image, prompt.source) for image in prompt.images]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise RequestError("the prompt is empty", param="prompt")
-        return list(tokenizer(prompt)["input_ids"]), []
-    if (
-        isinstance(prompt, (list, tuple))
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        vocab = len(tokenizer)
-        if any(not 0 <= t < vocab for t in prompt):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return list(prompt), []
-    raise RequestError(f"a prompt must be a Sample, a string or token ids, got {type(prompt).__name__}", param="prompt")
-
-
-def _as_pil(image: Any, source: str) -> Any:
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    from vistune.data.readers import open_image
-
-    return open_image(image, where=source).convert("RGB")
+    ids = encode_prompt(prompt, encoder, tokenizer)["input_ids"]
+    if not isinstance(prompt, Sample):
+        return ids, []
+    return ids, [open_image(image, where=prompt.source).convert("RGB") for image in prompt.images]

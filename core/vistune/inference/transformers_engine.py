@@ -21,25 +21,25 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from vistune.errors import ConfigError, VistuneError
+from vistune.errors import VistuneError
 from vistune.inference.detokenize import IncrementalText
 from vistune.inference.engine import (
+    BASE_ADAPTER,
     FINISH_LENGTH,
     FINISH_STOP,
-    CompletionOutput,
     EngineClosedError,
     GenerationRequest,
     GenerationResult,
-    RequestError,
     StreamEvent,
+    check_adapter,
+    check_adapter_dir,
     check_context,
+    result_from_events,
 )
 from vistune.inference.kv_batch import RunningBatch
+from vistune.inference.prompts import encode_prompt, template_encoder, tokenizer_of
 from vistune.inference.sampling import RowSampler, sample_next
-from vistune.templates import Sample
 
-#: peft's name for "no adapter" in a mixed-adapter batch.
-BASE_ADAPTER = "__base__"
 #: Token budget of one prefill: more waiting prompts are prefilled on the next turn.
 MAX_PREFILL_TOKENS = 16384
 #: When the model is idle, how long the first arrival waits for companions to prefill with.
@@ -55,7 +55,6 @@ class _Job:
         self.prompt_tokens = len(inputs["input_ids"])
         self.sink = sink
         self.cancelled = False
-        self.unfinished = request.sampling.n
 
     @property
     def n(self) -> int:
@@ -65,57 +64,40 @@ class _Job:
 class _Row:
     """One completion being generated."""
 
-    def __init__(self, job: _Job, index: int, text: IncrementalText, sampler: RowSampler, adapter: str | None):
+    def __init__(self, job: _Job, index: int, text: IncrementalText, sampler: RowSampler):
         self.job = job
         self.index = index
         self.text = text
         self.sampler = sampler
-        self.adapter = adapter
         self.token_ids: list[int] = []
 
 
 class _Collector:
-    """Sink of a blocking :meth:`TransformersEngine.generate` call: gathers each completion."""
+    """Sink of a blocking :meth:`TransformersEngine.generate` call: keeps a request's events
+    and calls ``done`` once all its completions have finished (or it failed)."""
 
     def __init__(self, request: GenerationRequest, done: Callable[[], None]):
         self.request = request
-        self.texts: dict[int, list[str]] = {i: [] for i in range(request.sampling.n)}
-        self.tokens: dict[int, list[int]] = {i: [] for i in range(request.sampling.n)}
-        self.reasons: dict[int, str] = {}
-        self.prompt_tokens = 0
+        self.events: list[StreamEvent] = []
         self.error: BaseException | None = None
+        self._unfinished = request.sampling.n
         self._done = done
-        self._finished = False
-
-    def _finish(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._done()
 
     def __call__(self, event: Any) -> None:
-        if self._finished:
+        if self._unfinished == 0:
             return
         if isinstance(event, BaseException):
             self.error = event
-            self._finish()
-            return
-        self.prompt_tokens = event.prompt_tokens
-        self.texts[event.index].append(event.text)
-        self.tokens[event.index].extend(event.token_ids)
-        if event.finish_reason:
-            self.reasons[event.index] = event.finish_reason
-            if len(self.reasons) == self.request.sampling.n:
-                self._finish()
+            self._unfinished = 0
+        else:
+            self.events.append(event)
+            if event.finish_reason:
+                self._unfinished -= 1
+        if self._unfinished == 0:
+            self._done()
 
     def result(self) -> GenerationResult:
-        outputs = [
-            CompletionOutput(i, "".join(self.texts[i]), self.tokens[i], self.reasons[i]) for i in sorted(self.texts)
-        ]
-        return GenerationResult(self.request.request_id, outputs, self.prompt_tokens)
-
-
-def _tokenizer_of(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", None) or processor
+        return result_from_events(self.events, self.request.request_id)
 
 
 def _max_model_len(model: Any) -> int:
@@ -160,8 +142,7 @@ class TransformersEngine:
         model, processor = load_ref(model_type.loader)(str(model_path), options)
         pm = get_plugin_manager()
         pm.hook.vistune_model_loaded(model=model, processor=processor, model_type=model_type, config=config)
-        template_name = config.template or model_type.default_template
-        encoder = _make_encoder(pm.registries.templates.get(template_name), processor, _max_model_len(model))
+        encoder = template_encoder(processor, config.template or model_type.default_template, _max_model_len(model))
         self._setup(model, processor, encoder, max_batch_size=config.max_batch_size)
         if config.adapter_path:
             self.add_adapter("default", config.adapter_path)
@@ -188,7 +169,7 @@ class TransformersEngine:
         self.model = model
         self.processor = processor
         self.encoder = encoder
-        self.tokenizer = _tokenizer_of(processor)
+        self.tokenizer = tokenizer_of(processor)
         self.max_batch_size = max_batch_size
         self.max_model_len = _max_model_len(model)
         self.eos_ids = _eos_ids(model, self.tokenizer)
@@ -210,7 +191,6 @@ class TransformersEngine:
         self._rows: list[_Row] = []
         self._batch: RunningBatch | None = None
         self._closed = False
-        self._can_merge = True
         self._encode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="vistune-encode")
         self._thread = threading.Thread(target=self._loop, name="vistune-engine", daemon=True)
         self._thread.start()
@@ -265,11 +245,7 @@ class TransformersEngine:
 
     def add_adapter(self, name: str, path: str) -> None:
         """Load the LoRA adapter in ``path`` (peft format) as ``name``; rows pick it per request."""
-        from pathlib import Path
-
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ConfigError(f"{path} is not a peft adapter directory (no adapter_config.json)",
-                              hint="point adapter_path at the directory `vistune sft` saved")  # fmt: skip
+        check_adapter_dir(path)
         with self._model_lock:
             if hasattr(self.model, "load_adapter") and hasattr(self.model, "peft_config"):
                 self.model.load_adapter(path, adapter_name=name)
@@ -300,26 +276,8 @@ class TransformersEngine:
         """Encode the prompt and check it fits; raises before the request is queued."""
         if self._closed:
             raise EngineClosedError("the engine is closed")
-        prompt = request.prompt
-        if isinstance(prompt, Sample):
-            inputs = dict(self.encoder.encode_prompt(prompt))
-        elif isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("the prompt is empty", param="prompt")
-            inputs = {"input_ids": list(self.tokenizer(prompt)["input_ids"])}
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            vocab = len(self.tokenizer)
-            if not prompt or any(not 0 <= t < vocab for t in prompt):
-                raise RequestError(f"prompt token ids must be a non-empty list of ids in [0, {vocab})", param="prompt")
-            inputs = {"input_ids": list(prompt)}
-        else:
-            raise RequestError(f"a prompt must be a Sample, a string or token ids, got {type(prompt).__name__}",
-                               param="prompt")  # fmt: skip
-        if request.adapter is not None and request.adapter != BASE_ADAPTER:
-            known = set(getattr(self.model, "peft_config", {}) or {})
-            if request.adapter not in known:
-                raise RequestError(f"unknown adapter {request.adapter!r}; loaded: {', '.join(sorted(known)) or 'none'}",
-                                   param="model", code="model_not_found")  # fmt: skip
+        inputs = encode_prompt(request.prompt, self.encoder, self.tokenizer)
+        check_adapter(request.adapter, getattr(self.model, "peft_config", None) or {})
         check_context(len(inputs["input_ids"]), request.sampling, self.max_model_len)
         return inputs
 
@@ -359,7 +317,7 @@ class TransformersEngine:
                 deadline = time.monotonic() + BATCH_WAIT_S
                 while len(self._waiting) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                     self._lock.wait(left)
-            can_merge = self._batch is None or self._can_merge
+            can_merge = self._batch is None or self._batch.mergeable
             admitted: list[_Job] = []
             rows, tokens = len(self._rows), 0
             while self._waiting and can_merge:
@@ -420,7 +378,8 @@ class TransformersEngine:
             kwargs["logits_to_keep"] = 1
         with self._model_lock:
             if hasattr(self.model, "peft_config"):
-                names = [row.adapter or self._default_adapter or BASE_ADAPTER for row in rows]
+                # peft names the base model BASE_ADAPTER in a mixed-adapter batch
+                names = [row.job.request.adapter or self._default_adapter or BASE_ADAPTER for row in rows]
                 active = getattr(self.model, "active_adapter", None)
                 if any(name != active for name in names):
                     kwargs["adapter_names"] = names
@@ -472,9 +431,7 @@ class TransformersEngine:
             for i in range(job.n):
                 seed = None if sampling.seed is None else sampling.seed + i
                 text = IncrementalText(self.encoder.decode, sampling.stop)
-                rows.append(
-                    _Row(job, i, text, RowSampler.make(sampling.temperature, sampling.top_p, seed), job.request.adapter)
-                )
+                rows.append(_Row(job, i, text, RowSampler.make(sampling.temperature, sampling.top_p, seed)))
         inputs = self._collate(jobs)
         mask = inputs["attention_mask"]
         padding = mask.shape[1] - mask.sum(dim=1)
@@ -508,7 +465,6 @@ class TransformersEngine:
             rows = [rows[i] for i in keep]
         if self._batch is None:
             self._batch, self._rows = batch, rows
-            self._can_merge = batch.mergeable
         else:
             self._batch.merge(batch)
             self._rows = self._rows + rows
@@ -553,10 +509,3 @@ class TransformersEngine:
             if finish is None:
                 keep.append(i)
         return keep
-
-
-def _make_encoder(template: Any, processor: Any, max_length: int) -> Any:
-    from vistune.specs import load_ref
-    from vistune.templates import TemplateOptions
-
-    return load_ref(template.factory)(processor, TemplateOptions(max_length=max_length, truncation="error"))

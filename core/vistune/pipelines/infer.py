@@ -59,7 +59,7 @@ def split_prompt(sample: Sample) -> tuple[Sample, Any]:
 def _items(dataset: Any) -> Iterator[InferItem | DataError | None]:
     for index in range(len(dataset)):
         try:
-            sample = dataset.get(index) if hasattr(dataset, "get") else dataset[index]
+            sample = dataset.get(index)
             if sample is None:  # a bad record, skipped and counted by the reader
                 yield None
                 continue
@@ -185,7 +185,7 @@ def run(plan: Plan) -> dict[str, Any]:
                         "prompt_tokens": result.prompt_tokens,
                         "completion_tokens": result.completion_tokens,
                     }
-                    record["scores"] = {name: scores[name]["scores"][k] for name in config.metrics}
+                    record["scores"] = {name: scores[name][k] for name in config.metrics}
                     record["scores"] |= {name: values[k] for name, values in rewards.items()}
                     columns = {key: _json_safe(v) for key, v in item.prompt.columns.items()}
                     if columns:
@@ -195,7 +195,7 @@ def run(plan: Plan) -> dict[str, Any]:
                     totals["completion_tokens"] += result.completion_tokens
                 out.flush()
                 for name in config.metrics:
-                    metric_values[name] += [s for s in scores[name]["scores"] if s is not None]
+                    metric_values[name] += [s for s in scores[name] if s is not None]
                 for name, values in rewards.items():
                     reward_values.setdefault(name, []).extend(v for v in values if v is not None)
                 totals["samples"] += len(good)
@@ -205,7 +205,7 @@ def run(plan: Plan) -> dict[str, Any]:
     seconds = time.monotonic() - started
     summary = {
         **totals,
-        "skipped_records": getattr(dataset, "skipped", 0),
+        "skipped_records": dataset.skipped,
         "output_file": str(path),
         "metrics": {name: (sum(v) / len(v) if v else None) for name, v in metric_values.items()},
         "rewards": {name: (sum(v) / len(v) if v else None) for name, v in reward_values.items()},

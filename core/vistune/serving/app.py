@@ -29,6 +29,7 @@ from vistune.inference.engine import (
     SamplingParams,
     StreamEvent,
     collect,
+    result_from_events,
 )
 from vistune.serving.errors import APIError, bad_request, error_body, install_error_handlers
 from vistune.serving.limits import Admission
@@ -48,15 +49,12 @@ def resolve_api_key(config: Any) -> str | None:
     return config.api_key or os.environ.get("VISTUNE_API_KEY") or None
 
 
-def default_temperature(config: Any) -> float:
-    """Sampling temperature of a request that sets none: the config's, else 1.0 as in the OpenAI API."""
-    return 1.0 if config.temperature is None else float(config.temperature)
-
-
 def _sampling(body: Any, config: Any, max_tokens: int | None) -> SamplingParams:
+    """A request's sampling; what it leaves unset comes from the config (temperature: else 1.0, as OpenAI's)."""
+    default_temperature = 1.0 if config.temperature is None else config.temperature
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else config.max_new_tokens,
-        temperature=default_temperature(config) if body.temperature is None else body.temperature,
+        temperature=default_temperature if body.temperature is None else body.temperature,
         top_p=config.top_p if body.top_p is None else body.top_p,
         n=body.n,
         stop=body.stop_strings(),
@@ -107,11 +105,12 @@ def _sse(data: dict[str, Any]) -> bytes:
 
 
 async def _merged(streams: list[AsyncIterator[StreamEvent]]) -> AsyncIterator[tuple[int, StreamEvent]]:
-    """Events of several streams as they come, tagged with the stream's position."""
-    if len(streams) == 1:
-        async for event in streams[0]:
-            yield 0, event
-        return
+    """Events of several streams as they come, tagged with the stream's position.
+
+    Each stream is iterated by a task of its own; when the merged stream ends early (an
+    error in one stream, a client that went away) the tasks are cancelled, which raises
+    inside the streams they iterate and so cancels their requests in the engine.
+    """
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -137,8 +136,8 @@ async def _merged(streams: list[AsyncIterator[StreamEvent]]) -> AsyncIterator[tu
     finally:
         for task in tasks:
             task.cancel()
-        for stream in streams:
-            await stream.aclose()
+        # A stream being iterated cannot be closed from outside (aclose() raises): wait for its task instead.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Generation:
@@ -252,8 +251,8 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
                     yield _sse(error_body(f"generation failed: {exc}", type=kind))
                 yield b"data: [DONE]\n\n"
             finally:
+                admission.leave()  # first: the await below may be cancelled when the client went away
                 await generation.aclose()
-                admission.leave()
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -337,7 +336,7 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
             per_prompt: dict[int, list[StreamEvent]] = {}
             async for k, event in generation:
                 per_prompt.setdefault(k, []).append(event)
-            results = [await collect(_replay(per_prompt.get(k, [])), rid) for k in range(len(prompts))]
+            results = [result_from_events(per_prompt.get(k, []), rid) for k in range(len(prompts))]
             return _completion_response(head, results, n)
 
         async def chunks(gen: _Generation):
@@ -370,15 +369,11 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
     return app
 
 
-async def _replay(events: list[StreamEvent]) -> AsyncIterator[StreamEvent]:
-    for event in events:
-        yield event
-
-
 def _chat_response(head: dict[str, Any], result: GenerationResult) -> dict[str, Any]:
     choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
                 "finish_reason": o.finish_reason} for o in result.outputs]  # fmt: skip
-    return {**head, "object": "chat.completion", "choices": choices, "usage": result.usage()}
+    return {**head, "object": "chat.completion", "choices": choices,
+            "usage": _usage(result.prompt_tokens, result.completion_tokens)}  # fmt: skip
 
 
 def _completion_response(head: dict[str, Any], results: list[GenerationResult], n: int) -> dict[str, Any]:

@@ -22,7 +22,6 @@ class Admission:
         self.capacity = capacity
         self.in_flight = 0
         self.draining = False
-        self.rejected = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -31,7 +30,6 @@ class Admission:
         if self.draining:
             raise APIError(503, "the server is shutting down", type="service_unavailable", code="shutting_down")
         if self.in_flight >= self.capacity:
-            self.rejected += 1
             raise APIError(429, f"the server is at capacity ({self.capacity} requests in flight); retry later",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
         self.in_flight += 1

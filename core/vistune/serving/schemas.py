@@ -62,8 +62,8 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class _Sampling(_Body):
-    """Fields shared by chat and text completions."""
+class _CompletionRequestBase(_Body):
+    """Fields shared by chat and text completion requests."""
 
     model: StrictStr
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -97,12 +97,12 @@ class _Sampling(_Body):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_CompletionRequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_CompletionRequestBase):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool = False
     best_of: StrictInt | None = None
@@ -122,7 +122,7 @@ class CompletionRequest(_Sampling):
         return list(prompt)
 
 
-def _check_unsupported(body: _Sampling) -> None:
+def _check_unsupported(body: _CompletionRequestBase) -> None:
     neutral = {
         "presence_penalty": body.presence_penalty in (None, 0),
         "frequency_penalty": body.frequency_penalty in (None, 0),
@@ -175,13 +175,11 @@ async def read_body(request: Any) -> bytes:
     return b"".join(chunks)
 
 
-def parse_body(raw: bytes, model_class: type[_Sampling]) -> Any:
+def parse_body(raw: bytes, model_class: type[_CompletionRequestBase]) -> Any:
     """Validate a JSON request body into ``model_class``.
 
     :raises APIError: 400 naming the first invalid field.
     """
-    if len(raw) > MAX_BODY_BYTES:
-        raise _too_large()
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -6,7 +6,8 @@ import pytest
 from vistune.config import RunConfig
 from vistune.errors import ConfigError
 from vistune.inference import SamplingParams
-from vistune_vllm.translate import collapse_image_tokens, engine_kwargs, image_token_id, quantization, sampling_kwargs
+from vistune.inference.prompts import collapse_image_tokens, image_token_id
+from vistune_vllm.translate import engine_kwargs, quantization, sampling_kwargs
 
 
 def test_backend_is_registered(plugin_manager):
@@ -30,10 +31,13 @@ def test_sampling_parameters_map_one_to_one():
 def test_engine_arguments_follow_the_config():
     config = RunConfig(task="serve", tensor_parallel_size=2, gpu_memory_utilization=0.8, quantization="awq",
                        dtype="bfloat16", max_batch_size=16)  # fmt: skip
-    kwargs = engine_kwargs("/models/llava", config, max_model_len=4096, enable_lora=True)
+    kwargs = engine_kwargs("/models/llava", config, max_model_len=4096, max_lora_rank=16)
     assert kwargs["tensor_parallel_size"] == 2 and kwargs["gpu_memory_utilization"] == 0.8
     assert kwargs["quantization"] == "awq" and kwargs["dtype"] == "bfloat16" and kwargs["max_num_seqs"] == 16
-    assert kwargs["max_model_len"] == 4096 and kwargs["enable_lora"] is True
+    assert kwargs["max_model_len"] == 4096 and kwargs["enable_lora"] is True and kwargs["max_lora_rank"] == 16
+    without_lora = engine_kwargs("/models/llava", config, max_model_len=None, max_lora_rank=None)
+    assert without_lora["enable_lora"] is False and "max_lora_rank" not in without_lora
+    assert "max_model_len" not in without_lora
     assert quantization("nf4") == quantization("q4_k_m") == "bitsandbytes" and quantization("none") is None
     with pytest.raises(ConfigError, match="not supported by the vllm backend"):
         quantization("int8")

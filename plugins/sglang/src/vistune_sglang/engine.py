@@ -13,34 +13,37 @@ This module runs only on a CUDA machine with sglang installed (see README.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
-import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from vistune.errors import ConfigError
+from vistune.inference.background_loop import BackgroundLoop, Emit
 from vistune.inference.engine import (
     CompletionOutput,
     EngineClosedError,
     GenerationRequest,
     GenerationResult,
-    RequestError,
     StreamEvent,
+    adapter_to_use,
+    check_adapter,
+    check_adapter_dir,
     check_context,
 )
-from vistune.inference.prompts import collapse_image_tokens, image_token_id, prompt_ids_and_images
+from vistune.inference.prompts import (
+    collapse_image_tokens,
+    context_length,
+    image_token_id,
+    load_processor,
+    prompt_ids_and_images,
+    template_encoder,
+    tokenizer_of,
+)
 
 from vistune_sglang.translate import CumulativeOutput, engine_kwargs, finish_reason, generate_kwargs, sampling_params
-
-
-def _load_processor(model_path: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoProcessor, AutoTokenizer
-
-    try:
-        return AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, ImportError, TypeError):
-        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
 class SglangEngine:
@@ -55,44 +58,30 @@ class SglangEngine:
 
     def __init__(self, model_path: str, model_type: Any, config: Any):
         import sglang
-        from vistune.plugins import get_plugin_manager
-        from vistune.specs import load_ref
-        from vistune.templates import TemplateOptions
 
         model_path = str(model_path)
         hf_config = json.loads((Path(model_path) / "config.json").read_text())
-        text_config = hf_config.get("text_config") or hf_config
-        model_len = text_config.get("max_position_embeddings") or hf_config.get("max_position_embeddings")
-        self.max_model_len = min(config.max_length, model_len) if model_len else config.max_length
+        self.max_model_len = context_length(hf_config, config.max_length)
         self._image_token = image_token_id(hf_config)
-        processor = _load_processor(model_path, config.trust_remote_code)
-        self.tokenizer = getattr(processor, "tokenizer", None) or processor
-        template = get_plugin_manager().registries.templates.get(config.template or model_type.default_template)
-        self.encoder = load_ref(template.factory)(
-            processor, TemplateOptions(max_length=self.max_model_len, truncation="error")
-        )
+        processor = load_processor(model_path, config.trust_remote_code)
+        self.tokenizer = tokenizer_of(processor)
+        self.encoder = template_encoder(processor, config.template or model_type.default_template, self.max_model_len)
         self._adapters: dict[str, str] = {}
         self._default_adapter: str | None = None
         if config.adapter_path:
-            self._check_adapter(config.adapter_path)
+            check_adapter_dir(config.adapter_path)
             self._adapters["default"] = str(config.adapter_path)
             self._default_adapter = "default"
         kwargs = engine_kwargs(model_path, config, context_length=self.max_model_len, lora_paths=self._adapters)
-        self._loop = asyncio.new_event_loop()
+        self._loop = BackgroundLoop("vistune-sglang")
         previous = _current_loop()
-        asyncio.set_event_loop(self._loop)  # sglang.Engine binds to the current loop
+        asyncio.set_event_loop(self._loop.loop)  # sglang.Engine binds to the current loop
         try:
             self._engine = sglang.Engine(**kwargs)
         finally:
             asyncio.set_event_loop(previous)
-        self._thread = threading.Thread(target=self._loop.run_forever, name="vistune-sglang", daemon=True)
-        self._thread.start()
+        self._loop.start()
         self._closed = False
-
-    @staticmethod
-    def _check_adapter(path: str) -> None:
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ConfigError(f"{path} is not a peft adapter directory (no adapter_config.json)")
 
     # -- requests ----------------------------------------------------------------------
 
@@ -100,21 +89,15 @@ class SglangEngine:
         if self._closed:
             raise EngineClosedError("the engine is closed")
         ids, images = prompt_ids_and_images(request.prompt, self.encoder, self.tokenizer)
+        check_adapter(request.adapter, self._adapters)
         check_context(len(ids), request.sampling, self.max_model_len)
-        if request.adapter not in (None, "__base__") and request.adapter not in self._adapters:
-            raise RequestError(f"unknown adapter {request.adapter!r}; loaded: {', '.join(self._adapters) or 'none'}",
-                               param="model", code="model_not_found")  # fmt: skip
         prompt_ids = collapse_image_tokens(ids, self._image_token) if images else ids
         return prompt_ids, images, len(ids)
-
-    def _lora_name(self, request: GenerationRequest) -> str | None:
-        name = request.adapter or self._default_adapter
-        return None if name in (None, "__base__") else name
 
     async def _one(self, request: GenerationRequest, ids: list[int], images: list[Any], index: int) -> CompletionOutput:
         output = await self._engine.async_generate(
             sampling_params=sampling_params(request.sampling, index),
-            **generate_kwargs(ids, images, self._lora_name(request), stream=False),
+            **generate_kwargs(ids, images, adapter_to_use(request, self._default_adapter), stream=False),
         )
         return CompletionOutput(index, output["text"], list(output.get("output_ids") or []),
                                 finish_reason(output["meta_info"]) or "length")  # fmt: skip
@@ -130,57 +113,35 @@ class SglangEngine:
                       for r, (ids, images, _) in zip(requests, prepared)]  # fmt: skip
             return await asyncio.gather(*groups)
 
-        outputs = asyncio.run_coroutine_threadsafe(run_all(), self._loop).result()
+        outputs = self._loop.run(run_all())
         return [GenerationResult(r.request_id, list(o), n) for r, o, (_, _, n) in zip(requests, outputs, prepared)]
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         """Yield text as SGLang generates it; closing the iterator aborts the request."""
-        caller = asyncio.get_running_loop()
-        ids, images, prompt_tokens = await caller.run_in_executor(None, self._prepare, request)
-        queue: asyncio.Queue = asyncio.Queue()
+        ids, images, prompt_tokens = await asyncio.get_running_loop().run_in_executor(None, self._prepare, request)
 
-        def put(item: Any) -> None:
-            try:
-                caller.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:
-                pass
+        async def produce(index: int, emit: Emit) -> None:  # cancelling it aborts the request in SGLang
+            chunks = await self._engine.async_generate(
+                sampling_params=sampling_params(request.sampling, index),
+                **generate_kwargs(ids, images, adapter_to_use(request, self._default_adapter), stream=True),
+            )
+            cumulative = CumulativeOutput()
+            async for chunk in chunks:
+                text, new_ids = cumulative.delta(chunk)
+                emit(StreamEvent(index, text, tuple(new_ids), finish_reason(chunk["meta_info"]), prompt_tokens))
 
-        async def pump(index: int) -> None:
-            try:
-                chunks = await self._engine.async_generate(
-                    sampling_params=sampling_params(request.sampling, index),
-                    **generate_kwargs(ids, images, self._lora_name(request), stream=True),
-                )
-                cumulative = CumulativeOutput()
-                async for chunk in chunks:
-                    text, new_ids = cumulative.delta(chunk)
-                    put(StreamEvent(index, text, tuple(new_ids), finish_reason(chunk["meta_info"]), prompt_tokens))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                put(exc)
-
-        futures = [asyncio.run_coroutine_threadsafe(pump(i), self._loop) for i in range(request.sampling.n)]
-        unfinished = request.sampling.n
-        try:
-            while unfinished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason:
-                    unfinished -= 1
-                yield item
-        finally:
-            if unfinished:
-                for future in futures:
-                    future.cancel()  # cancelling the generator task aborts the request in SGLang
+        producers = [functools.partial(produce, i) for i in range(request.sampling.n)]
+        async with contextlib.aclosing(self._loop.relay(producers, request.sampling.n)) as events:
+            async for event in events:
+                yield event
 
     def add_adapter(self, name: str, path: str) -> None:
         """Load the LoRA adapter in ``path`` into SGLang as ``name``."""
-        self._check_adapter(path)
+        check_adapter_dir(path)
         if not self._adapters:
             raise ConfigError("the sglang engine was started without LoRA support",
                               hint="set adapter_path in the config, which starts SGLang with enable_lora")  # fmt: skip
-
-        asyncio.run_coroutine_threadsafe(self._engine.async_load_lora_adapter(name, str(path)), self._loop).result()
+        self._loop.run(self._engine.async_load_lora_adapter(name, str(path)))
         self._adapters[name] = str(path)
 
     def close(self) -> None:
@@ -191,8 +152,7 @@ class SglangEngine:
         try:
             self._engine.shutdown()
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
+            self._loop.stop()
 
 
 def _current_loop() -> asyncio.AbstractEventLoop | None:

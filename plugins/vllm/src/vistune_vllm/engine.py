@@ -17,28 +17,39 @@ and vLLM reloads them in place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import itertools
 import json
 import shutil
 import tempfile
-import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from vistune.errors import ConfigError
+from vistune.inference.background_loop import BackgroundLoop, Emit
 from vistune.inference.engine import (
     CompletionOutput,
     EngineClosedError,
     GenerationRequest,
     GenerationResult,
-    RequestError,
     StreamEvent,
+    adapter_to_use,
+    check_adapter,
+    check_adapter_dir,
     check_context,
 )
-from vistune.inference.prompts import collapse_image_tokens, image_token_id, prompt_ids_and_images
+from vistune.inference.prompts import (
+    collapse_image_tokens,
+    context_length,
+    image_token_id,
+    load_processor,
+    prompt_ids_and_images,
+    template_encoder,
+    tokenizer_of,
+)
 
 from vistune_vllm.translate import engine_kwargs, sampling_kwargs
 
@@ -46,23 +57,12 @@ from vistune_vllm.translate import engine_kwargs, sampling_kwargs
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def _load_processor(model_path: str, trust_remote_code: bool) -> Any:
-    """The checkpoint's processor (vision models) or tokenizer, without loading weights."""
-    from transformers import AutoProcessor, AutoTokenizer
-
+def _adapter_rank(path: str) -> int:
+    """The rank ``r`` of the peft adapter in ``path`` (peft's default 8 where it cannot be read)."""
     try:
-        return AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, ImportError, TypeError):
-        # e.g. processors that insist on a video processor (torchvision) for an image-only use
-        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-
-
-def _lora_rank(path: str) -> int:
-    try:
-        rank = int(json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 8))
+        return int(json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 8))
     except (OSError, ValueError):
-        return LORA_RANKS[0]
-    return _kernel_rank(rank)
+        return 8
 
 
 def _kernel_rank(rank: int) -> int:
@@ -118,53 +118,44 @@ class VllmEngine:
         self, model_path: str, model_type: Any, config: Any, *, encoder: Any = None, lora_rank: int | None = None
     ):
         import vllm
-        from vistune.plugins import get_plugin_manager
-        from vistune.specs import load_ref
-        from vistune.templates import TemplateOptions
         from vllm.lora.request import LoRARequest
 
         self._vllm = vllm
         self._lora_request = LoRARequest
         model_path = str(model_path)
         hf_config = json.loads((Path(model_path) / "config.json").read_text())
-        text_config = hf_config.get("text_config") or hf_config
-        model_len = text_config.get("max_position_embeddings") or hf_config.get("max_position_embeddings")
-        max_model_len = min(config.max_length, model_len) if model_len else config.max_length
+        max_model_len = context_length(hf_config, config.max_length)
         self._image_token = image_token_id(hf_config)
-        processor = _load_processor(model_path, config.trust_remote_code)
-        self.tokenizer = getattr(processor, "tokenizer", None) or processor
+        processor = load_processor(model_path, config.trust_remote_code)
+        self.tokenizer = tokenizer_of(processor)
         if encoder is None:
-            template = get_plugin_manager().registries.templates.get(config.template or model_type.default_template)
-            options = TemplateOptions(max_length=max_model_len, truncation="error")
-            encoder = load_ref(template.factory)(processor, options)
+            encoder = template_encoder(processor, config.template or model_type.default_template, max_model_len)
         self.encoder = encoder
         #: Requests are queued beyond this; RL raises it to a rollout's size (informational for vLLM).
         self.max_batch_size = max(config.max_batch_size, 1)
-        enable_lora = bool(config.adapter_path) or lora_rank is not None
-        kwargs = engine_kwargs(model_path, config, max_model_len=max_model_len, enable_lora=enable_lora)
-        if enable_lora:
-            kwargs["max_lora_rank"] = _kernel_rank(lora_rank) if lora_rank else _lora_rank(config.adapter_path)
+        if lora_rank is None and config.adapter_path:
+            lora_rank = _adapter_rank(config.adapter_path)
+        max_lora_rank = _kernel_rank(lora_rank) if lora_rank else None
+        kwargs = engine_kwargs(model_path, config, max_model_len=max_model_len, max_lora_rank=max_lora_rank)
         if not _cuda_available():
             kwargs["enforce_eager"] = True  # no CUDA graphs to capture; starts faster
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="vistune-vllm", daemon=True)
-        self._thread.start()
+        self._loop = BackgroundLoop("vistune-vllm").start()
         self._closed = False
         self._weights_dir: tempfile.TemporaryDirectory | None = None
         self._weight_version = 0
         self._adapters: dict[str, Any] = {}
         self._adapter_ids = itertools.count(1)
         self._default_adapter: str | None = None
-        self._lora_enabled = enable_lora
+        self._lora_enabled = max_lora_rank is not None
         args = vllm.AsyncEngineArgs(**kwargs)
 
         async def create():
             return vllm.AsyncLLMEngine.from_engine_args(args)
 
         try:
-            self._llm = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
+            self._llm = self._loop.run(create())
         except BaseException:
-            self._stop_loop()
+            self._loop.stop()
             raise
         self.max_model_len = int(self._llm.model_config.max_model_len)
         if config.adapter_path:
@@ -218,7 +209,7 @@ class VllmEngine:
             # a new id: vLLM caches an adapter's weights (and prefix KV) by id
             self._adapters[name] = self._lora_request(name, next(self._adapter_ids), str(adapter_dir))
             if old is not None:
-                asyncio.run_coroutine_threadsafe(self._llm.remove_lora(old.lora_int_id), self._loop).result()
+                self._loop.run(self._llm.remove_lora(old.lora_int_id))
         else:
             from safetensors.torch import save_file
 
@@ -231,7 +222,7 @@ class VllmEngine:
                 await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
                 await self._llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
-            asyncio.run_coroutine_threadsafe(reload(), self._loop).result()
+            self._loop.run(reload())
         shutil.rmtree(previous, ignore_errors=True)
 
     # -- requests ------------------------------------------------------------------------
@@ -241,10 +232,8 @@ class VllmEngine:
         if self._closed:
             raise EngineClosedError("the engine is closed")
         ids, images = prompt_ids_and_images(request.prompt, self.encoder, self.tokenizer)
+        check_adapter(request.adapter, self._adapters)
         check_context(len(ids), request.sampling, self.max_model_len)
-        if request.adapter is not None and request.adapter != "__base__" and request.adapter not in self._adapters:
-            raise RequestError(f"unknown adapter {request.adapter!r}; loaded: {', '.join(self._adapters) or 'none'}",
-                               param="model", code="model_not_found")  # fmt: skip
         engine_prompt: dict[str, Any] = {"prompt_token_ids": ids}
         if images:
             engine_prompt = {"prompt_token_ids": collapse_image_tokens(ids, self._image_token),
@@ -259,8 +248,8 @@ class VllmEngine:
         return self._vllm.SamplingParams(**kwargs)
 
     def _lora(self, request: GenerationRequest) -> Any:
-        name = request.adapter or self._default_adapter
-        return None if name in (None, "__base__") else self._adapters[name]
+        name = adapter_to_use(request, self._default_adapter)
+        return None if name is None else self._adapters[name]
 
     async def _final(self, request: GenerationRequest, prompt: dict[str, Any], prompt_tokens: int) -> GenerationResult:
         final = None
@@ -280,58 +269,29 @@ class VllmEngine:
         async def run_all():
             return await asyncio.gather(*[self._final(r, p, n) for r, (p, n) in zip(requests, prepared)])
 
-        return asyncio.run_coroutine_threadsafe(run_all(), self._loop).result()
+        return self._loop.run(run_all())
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         """Yield text as vLLM generates it; closing the iterator aborts the request in vLLM."""
-        caller = asyncio.get_running_loop()
-        prompt, prompt_tokens = await caller.run_in_executor(None, self._prepare, request)
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
+        prompt, prompt_tokens = await asyncio.get_running_loop().run_in_executor(None, self._prepare, request)
 
-        def put(item: Any) -> None:
-            try:
-                caller.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the caller's loop is closed
-                pass
+        async def produce(emit: Emit) -> None:  # cancelling it aborts the request in vLLM
+            async for output in self._llm.generate(prompt, self._params(request, stream=True), uuid.uuid4().hex,
+                                                   lora_request=self._lora(request)):  # fmt: skip
+                for o in output.outputs:
+                    reason = _finish_reason(o.finish_reason)
+                    emit(StreamEvent(o.index, o.text, tuple(o.token_ids), reason, prompt_tokens))
 
-        async def pump() -> None:
-            try:
-                async for output in self._llm.generate(prompt, self._params(request, stream=True), uuid.uuid4().hex,
-                                                       lora_request=self._lora(request)):  # fmt: skip
-                    for o in output.outputs:
-                        put(
-                            StreamEvent(
-                                o.index, o.text, tuple(o.token_ids), _finish_reason(o.finish_reason), prompt_tokens
-                            )
-                        )
-                put(done)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                put(exc)
-
-        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        unfinished = request.sampling.n
-        try:
-            while unfinished:
-                item = await queue.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason:
-                    unfinished -= 1
-                yield item
-        finally:
-            if unfinished:
-                future.cancel()  # vLLM's generate() aborts the request when cancelled
+        async with contextlib.aclosing(self._loop.relay([produce], request.sampling.n)) as events:
+            async for event in events:
+                yield event
 
     def add_adapter(self, name: str, path: str) -> None:
         """Serve the LoRA adapter in ``path`` to requests naming ``name``."""
         if not self._lora_enabled:
             raise ConfigError("the vllm engine was started without LoRA support",
                               hint="set adapter_path in the config, which starts vLLM with enable_lora")  # fmt: skip
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ConfigError(f"{path} is not a peft adapter directory (no adapter_config.json)")
+        check_adapter_dir(path)
         self._adapters[name] = self._lora_request(name, next(self._adapter_ids), str(path))
 
     def close(self) -> None:
@@ -348,17 +308,13 @@ class VllmEngine:
             llm.shutdown()
 
         try:
-            asyncio.run_coroutine_threadsafe(shut_down(self._llm), self._loop).result(timeout=120)
+            self._loop.run(shut_down(self._llm), timeout=120)
         finally:
             # AsyncLLM.__del__ shuts down again: let it run now, not at interpreter exit.
             self._llm = None
-            self._stop_loop()
+            self._loop.stop()
             if self._weights_dir is not None:
                 self._weights_dir.cleanup()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
 
 
 def _cuda_available() -> bool:

@@ -11,9 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from vistune.errors import ConfigError
-from vistune.inference.prompts import collapse_image_tokens, image_token_id
-
-__all__ = ["collapse_image_tokens", "engine_kwargs", "image_token_id", "quantization", "sampling_kwargs"]
 
 #: vistune quantization names -> vLLM's ``quantization`` argument.  Checkpoints quantized
 #: ahead of time load as saved; bitsandbytes NF4 is quantized by vLLM at load time.
@@ -58,8 +55,9 @@ def sampling_kwargs(sampling: Any, *, stream: bool) -> dict[str, Any]:
     }
 
 
-def engine_kwargs(model_path: str, config: Any, *, max_model_len: int | None, enable_lora: bool) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.AsyncEngineArgs`` from a run config."""
+def engine_kwargs(model_path: str, config: Any, *, max_model_len: int | None, max_lora_rank: int | None
+                  ) -> dict[str, Any]:  # fmt: skip
+    """Keyword arguments of ``vllm.AsyncEngineArgs`` from a run config; LoRA is enabled with a ``max_lora_rank``."""
     kwargs: dict[str, Any] = {
         "model": model_path,
         "tokenizer": model_path,
@@ -70,12 +68,12 @@ def engine_kwargs(model_path: str, config: Any, *, max_model_len: int | None, en
         "trust_remote_code": config.trust_remote_code,
         "seed": config.seed,
         "max_num_seqs": max(config.max_batch_size, 1),
-        "enable_lora": enable_lora,
+        "enable_lora": max_lora_rank is not None,
         "disable_log_stats": True,
     }
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
-    if enable_lora:
-        kwargs["max_lora_rank"] = 64
+    if max_lora_rank is not None:
+        kwargs["max_lora_rank"] = max_lora_rank
         kwargs["max_loras"] = 4
     return kwargs
