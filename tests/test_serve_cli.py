@@ -83,7 +83,7 @@ def test_serve_process_answers_and_shuts_down_gracefully_on_sigterm(tiny_llava):
     # uvicorn finishes its graceful shutdown, then re-raises the signal it caught (exit by SIGTERM)
     assert process.returncode in (0, -signal.SIGTERM), stderr
     assert "Application shutdown complete" in stderr
-    assert "tensor_parallel_size 2 applies to the vllm and sglang backends" in stderr
+    assert "tensor_parallel_size 2 applies to backends that split a model" in stderr
 
 
 class AddsARoute:

@@ -195,6 +195,8 @@ class Backend:
     factory: Ref = attrs.field(validator=_check_ref)
     requires: tuple[str, ...] = _names()
     requires_cuda: bool = attrs.field(default=False, kw_only=True)
+    #: The engine splits one model over ``tensor_parallel_size`` GPUs itself.
+    tensor_parallel: bool = attrs.field(default=False, kw_only=True)
     description: str = _description
 
 

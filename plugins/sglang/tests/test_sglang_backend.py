@@ -24,7 +24,7 @@ from vistune_sglang.translate import (
 
 def test_backend_is_registered_as_cuda_only(plugin_manager):
     backend = plugin_manager.registries.backends.get("sglang")
-    assert backend.requires == ("sglang",) and backend.requires_cuda
+    assert backend.requires == ("sglang",) and backend.requires_cuda and backend.tensor_parallel
     assert plugin_manager.registries.backends.owner("sglang").distribution == "vistune-sglang"
 
 

@@ -12,7 +12,7 @@ from vistune_vllm.translate import engine_kwargs, quantization, sampling_kwargs
 
 def test_backend_is_registered(plugin_manager):
     backend = plugin_manager.registries.backends.get("vllm")
-    assert backend.requires == ("vllm",) and not backend.requires_cuda
+    assert backend.requires == ("vllm",) and not backend.requires_cuda and backend.tensor_parallel
     assert plugin_manager.registries.backends.owner("vllm").distribution == "vistune-vllm"
 
 

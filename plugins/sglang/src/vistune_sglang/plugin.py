@@ -11,6 +11,7 @@ def vistune_register_backends(register):
             "sglang",
             factory="vistune_sglang.engine:SglangEngine",
             requires=("sglang",),
+            tensor_parallel=True,
             requires_cuda=True,  # its kernel package (sgl-kernel) is built for CUDA only
             description="SGLang (RadixAttention prefix cache, continuous batching, tensor parallel); CUDA GPUs only",
         )

@@ -11,6 +11,7 @@ def vistune_register_backends(register):
             "vllm",
             factory="vistune_vllm.engine:VllmEngine",
             requires=("vllm",),
+            tensor_parallel=True,
             description="vLLM (paged attention, continuous batching, tensor parallel, LoRA, quantized checkpoints)",
         )
     )
