@@ -221,8 +221,8 @@ def adapter_to_use(request: GenerationRequest, default: str | None) -> str | Non
 def check_context(prompt_tokens: int, sampling: SamplingParams, max_model_len: int) -> None:
     """Refuse a prompt that leaves no room for ``sampling.max_tokens`` new tokens.
 
-    Every engine applies the same rule, so a request that one backend accepts is
-    accepted by the others: prompt plus ``max_tokens`` must fit in ``max_model_len``.
+    Every engine applies the same rule to its own context length, so clients get the same
+    error from every backend: prompt plus ``max_tokens`` must fit in ``max_model_len``.
 
     :raises RequestError: with code ``context_length_exceeded``.
     """
