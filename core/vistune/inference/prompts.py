@@ -14,7 +14,9 @@ image tokens back into the single placeholder the checkpoint's processor writes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -115,3 +117,36 @@ def prompt_ids_and_images(prompt: Any, encoder: Any, tokenizer: Any) -> tuple[li
     if not isinstance(prompt, Sample):
         return ids, []
     return ids, [open_image(image, where=prompt.source).convert("RGB") for image in prompt.images]
+
+
+class CheckpointPrompts:
+    """Prompt encoding for an engine that loads a checkpoint directory itself (vLLM, SGLang).
+
+    :param encoder: the template encoder to use (RL hands over the policy's); default: the
+        config's template, or the model type's.
+    """
+
+    def __init__(self, model_path: str, model_type: Any, config: Any, encoder: Any = None):
+        hf_config = json.loads((Path(model_path) / "config.json").read_text())
+        #: ``max_length`` capped by the checkpoint's own context.
+        self.max_model_len = context_length(hf_config, config.max_length)
+        self.image_token = image_token_id(hf_config)
+        processor = load_processor(str(model_path), config.trust_remote_code)
+        self.tokenizer = tokenizer_of(processor)
+        if encoder is None:
+            encoder = template_encoder(processor, config.template or model_type.default_template, self.max_model_len)
+        self.encoder = encoder
+
+    def encode(self, request: Any, adapters: Any, max_model_len: int) -> tuple[list[int], list[Any], int]:
+        """``(ids for the engine, images, prompt length)`` of a request, checked against the
+        engine's adapters and context; each image's run of tokens is one placeholder in the ids.
+
+        :raises vistune.inference.RequestError: for a bad prompt, an unknown adapter, or a
+            prompt that leaves no room for ``max_tokens``.
+        """
+        from vistune.inference.engine import check_adapter, check_context
+
+        ids, images = prompt_ids_and_images(request.prompt, self.encoder, self.tokenizer)
+        check_adapter(request.adapter, adapters)
+        check_context(len(ids), request.sampling, max_model_len)
+        return (collapse_image_tokens(ids, self.image_token) if images else ids), images, len(ids)

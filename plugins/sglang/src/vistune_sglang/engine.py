@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from vistune.errors import ConfigError
@@ -29,19 +27,9 @@ from vistune.inference.engine import (
     GenerationResult,
     StreamEvent,
     adapter_to_use,
-    check_adapter,
     check_adapter_dir,
-    check_context,
 )
-from vistune.inference.prompts import (
-    collapse_image_tokens,
-    context_length,
-    image_token_id,
-    load_processor,
-    prompt_ids_and_images,
-    template_encoder,
-    tokenizer_of,
-)
+from vistune.inference.prompts import CheckpointPrompts
 
 from vistune_sglang.translate import CumulativeOutput, engine_kwargs, finish_reason, generate_kwargs, sampling_params
 
@@ -60,12 +48,9 @@ class SglangEngine:
         import sglang
 
         model_path = str(model_path)
-        hf_config = json.loads((Path(model_path) / "config.json").read_text())
-        self.max_model_len = context_length(hf_config, config.max_length)
-        self._image_token = image_token_id(hf_config)
-        processor = load_processor(model_path, config.trust_remote_code)
-        self.tokenizer = tokenizer_of(processor)
-        self.encoder = template_encoder(processor, config.template or model_type.default_template, self.max_model_len)
+        self._prompts = CheckpointPrompts(model_path, model_type, config)
+        self.max_model_len = self._prompts.max_model_len
+        self.tokenizer, self.encoder = self._prompts.tokenizer, self._prompts.encoder
         self._adapters: dict[str, str] = {}
         self._default_adapter: str | None = None
         if config.adapter_path:
@@ -88,11 +73,7 @@ class SglangEngine:
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], list[Any], int]:
         if self._closed:
             raise EngineClosedError("the engine is closed")
-        ids, images = prompt_ids_and_images(request.prompt, self.encoder, self.tokenizer)
-        check_adapter(request.adapter, self._adapters)
-        check_context(len(ids), request.sampling, self.max_model_len)
-        prompt_ids = collapse_image_tokens(ids, self._image_token) if images else ids
-        return prompt_ids, images, len(ids)
+        return self._prompts.encode(request, self._adapters, self.max_model_len)
 
     async def _one(self, request: GenerationRequest, ids: list[int], images: list[Any], index: int) -> CompletionOutput:
         output = await self._engine.async_generate(

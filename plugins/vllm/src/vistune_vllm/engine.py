@@ -37,19 +37,9 @@ from vistune.inference.engine import (
     GenerationResult,
     StreamEvent,
     adapter_to_use,
-    check_adapter,
     check_adapter_dir,
-    check_context,
 )
-from vistune.inference.prompts import (
-    collapse_image_tokens,
-    context_length,
-    image_token_id,
-    load_processor,
-    prompt_ids_and_images,
-    template_encoder,
-    tokenizer_of,
-)
+from vistune.inference.prompts import CheckpointPrompts
 
 from vistune_vllm.translate import engine_kwargs, sampling_kwargs
 
@@ -123,14 +113,9 @@ class VllmEngine:
         self._vllm = vllm
         self._lora_request = LoRARequest
         model_path = str(model_path)
-        hf_config = json.loads((Path(model_path) / "config.json").read_text())
-        max_model_len = context_length(hf_config, config.max_length)
-        self._image_token = image_token_id(hf_config)
-        processor = load_processor(model_path, config.trust_remote_code)
-        self.tokenizer = tokenizer_of(processor)
-        if encoder is None:
-            encoder = template_encoder(processor, config.template or model_type.default_template, max_model_len)
-        self.encoder = encoder
+        self._prompts = CheckpointPrompts(model_path, model_type, config, encoder)
+        max_model_len = self._prompts.max_model_len
+        self.tokenizer, self.encoder = self._prompts.tokenizer, self._prompts.encoder
         #: Requests are queued beyond this; RL raises it to a rollout's size (informational for vLLM).
         self.max_batch_size = max(config.max_batch_size, 1)
         if lora_rank is None and config.adapter_path:
@@ -231,14 +216,11 @@ class VllmEngine:
         """vLLM's prompt (token ids, images) and its length in tokens as the model sees it."""
         if self._closed:
             raise EngineClosedError("the engine is closed")
-        ids, images = prompt_ids_and_images(request.prompt, self.encoder, self.tokenizer)
-        check_adapter(request.adapter, self._adapters)
-        check_context(len(ids), request.sampling, self.max_model_len)
+        ids, images, prompt_tokens = self._prompts.encode(request, self._adapters, self.max_model_len)
         engine_prompt: dict[str, Any] = {"prompt_token_ids": ids}
         if images:
-            engine_prompt = {"prompt_token_ids": collapse_image_tokens(ids, self._image_token),
-                             "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}  # fmt: skip
-        return engine_prompt, len(ids)
+            engine_prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        return engine_prompt, prompt_tokens
 
     def _params(self, request: GenerationRequest, *, stream: bool) -> Any:
         from vllm.sampling_params import RequestOutputKind
