@@ -14,17 +14,6 @@ from vistune.cli import LIST_KINDS, main
 
 HEAVY = ("torch", "transformers", "peft", "trl", "PIL", "vllm", "accelerate", "datasets")
 
-REFERENCE_CONFIG = """\
-model: llava-v1.5-7b
-task: sft
-dataset: llava-instruct-en
-quantization: q4_k_m
-adapter: lora
-lora_target_modules: [q_proj, v_proj]
-parallel_method: ddp
-gpu_num: 4
-"""
-
 # Runs each command line in one fresh interpreter, as the console script does, and records which
 # heavy modules are imported after each.
 IMPORT_PROBE = textwrap.dedent("""
@@ -48,11 +37,11 @@ def clean_env(**extra) -> dict[str, str]:
     return env
 
 
-def test_help_version_plugins_list_and_dry_run_import_no_model_library(tmp_path):
+def test_help_version_plugins_list_and_dry_run_import_no_model_library(tmp_path, reference_config_text):
     config = tmp_path / "reference.yaml"
-    config.write_text(REFERENCE_CONFIG)
+    config.write_text(reference_config_text)
     other_tasks = tmp_path / "any-task.yaml"
-    other_tasks.write_text(REFERENCE_CONFIG.replace("task: sft\n", "rewards: [some-reward]\n"))
+    other_tasks.write_text(reference_config_text.replace("task: sft\n", "rewards: [some-reward]\n"))
     commands = [["--help"], ["--version"], ["plugins"], ["plugins", "--json"], ["sft", "--help"],
                 *(["list", kind, "--json"] for kind in LIST_KINDS), ["list", "models"],
                 ["sft", "--config", str(config), "--dry-run"],

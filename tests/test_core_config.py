@@ -6,17 +6,6 @@ import pytest
 from vistune.config import FIELDS, RunConfig, load_config, parse_overrides
 from vistune.errors import ConfigError
 
-REFERENCE_CONFIG = """\
-model: llava-v1.5-7b
-task: sft
-dataset: llava-instruct-en
-quantization: q4_k_m
-adapter: lora
-lora_target_modules: [q_proj, v_proj]
-parallel_method: ddp
-gpu_num: 4
-"""
-
 
 def write(tmp_path, text, name="run.yaml"):
     path = tmp_path / name
@@ -24,8 +13,8 @@ def write(tmp_path, text, name="run.yaml"):
     return str(path)
 
 
-def test_reference_config_is_accepted_as_written(tmp_path):
-    loaded = load_config(write(tmp_path, REFERENCE_CONFIG), task="sft")
+def test_reference_config_is_accepted_as_written(tmp_path, reference_config_text):
+    loaded = load_config(write(tmp_path, reference_config_text), task="sft")
     config = loaded.config
     assert (config.model, config.task, config.dataset) == ("llava-v1.5-7b", "sft", "llava-instruct-en")
     assert (config.quantization, config.adapter, config.parallel_method, config.gpu_num) == ("q4_k_m", "lora", "ddp", 4)

@@ -14,17 +14,6 @@ from vistune.plugins import PluginManager
 from vistune.specs import Dataset, ModelAlias, ModelType, Reward, Template
 from vistune.testing import check_dataset
 
-REFERENCE_CONFIG = """\
-model: llava-v1.5-7b
-task: sft
-dataset: llava-instruct-en
-quantization: q4_k_m
-adapter: lora
-lora_target_modules: [q_proj, v_proj]
-parallel_method: ddp
-gpu_num: 4
-"""
-
 
 class StandInLlavaModel:
     """What plugins/llava registers for the reference config, used while that distribution is not installed."""
@@ -65,9 +54,9 @@ def llava(plugin_manager, register_plugin, monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def reference_config(tmp_path):
+def reference_config(tmp_path, reference_config_text):
     path = tmp_path / "reference.yaml"
-    path.write_text(REFERENCE_CONFIG)
+    path.write_text(reference_config_text)
     return str(path)
 
 
