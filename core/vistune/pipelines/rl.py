@@ -26,11 +26,11 @@ import attrs
 from vistune import launch
 from vistune.config import build_config
 from vistune.errors import ConfigError
+from vistune.pipelines.export import ADAPTER_CONFIG, resolve_dirs
 from vistune.plan import Plan
 from vistune.training import checkpoints
 from vistune.training.arguments import check_liger
 
-ADAPTER_CONFIG = "adapter_config.json"
 #: Adapters whose weights are a peft adapter (an SFT adapter is trained on under them).
 PEFT_ADAPTERS = ("lora", "dora", "qlora")
 #: Name of the frozen copy of an SFT adapter that serves as the KL reference.
@@ -97,8 +97,6 @@ def refuse_unsupported(plan: Plan) -> None:
 
 def policy_dirs(plan: Plan) -> tuple[Path, Path | None]:
     """``(base model directory, SFT adapter directory or None)`` the policy starts from."""
-    from vistune.pipelines.export import resolve_dirs
-
     if plan.config.adapter_path or (plan.model_dir / ADAPTER_CONFIG).is_file():
         return resolve_dirs(plan)
     return plan.model_dir, None
