@@ -90,6 +90,12 @@ class RunConfig:
         False, "keep encoded samples in memory after their first epoch (small datasets trained for many epochs)",
         type="bool", tasks=("sft",),
     )
+    dataloader_num_workers: str = option(
+        "auto",
+        "processes that prepare batches beside the training loop: a number (0: the training process does it), or "
+        "auto (on GPU: the CPUs each GPU process may use, less one, at most 8; on CPU: 0)",
+        type="str", tasks=("sft",),
+    )
 
     # -- adapter -------------------------------------------------------------------
     adapter: str = option("lora", "lora, qlora, dora, galore, full, or a plugin's adapter", type="str", tasks=_TRAIN)
@@ -144,8 +150,11 @@ class RunConfig:
     gradient_checkpointing: bool = option(False, "recompute activations to save memory", type="bool", tasks=_TRAIN)
     bf16: bool | None = option(None, "bfloat16 mixed precision (default: on when a GPU supports it)", type="bool", tasks=_TRAIN)
     liger: bool = option(False, "use Liger kernels when installed (fused cross-entropy, RMSNorm, SwiGLU)", type="bool", tasks=_TRAIN)
-    torch_compile: bool = option(
-        False, "torch.compile each transformer block (GPU): faster steps after a compile of a minute or two", type="bool", tasks=_TRAIN
+    torch_compile: bool | str = option(
+        "auto",
+        "torch.compile each transformer block: true, false, or auto (on a GPU, for runs of at least 1000 optimizer "
+        "steps, which repay the compile of a minute or so; not for quantized or FSDP runs)",
+        type="bool_auto", tasks=_TRAIN,
     )
     logging_steps: int = option(1, "log every N steps", type="int", tasks=_TRAIN)
     save_steps: int = option(500, "checkpoint every N steps", type="int", tasks=_TRAIN)
@@ -302,7 +311,8 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, Source]]
 
 
 _TYPE_NAMES = {"str": "a string", "path": "a path", "int": "an integer", "float": "a number", "bool": "true or false",
-               "str_list": "a list of strings", "dict": "a mapping", "rewards": "a list of rewards"}  # fmt: skip
+               "str_list": "a list of strings", "dict": "a mapping", "rewards": "a list of rewards",
+               "bool_auto": "true, false or auto"}  # fmt: skip
 #: Strings a bool key accepts, as YAML 1.1 and command lines spell them.
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -339,7 +349,9 @@ def _convert(name: str, value: Any, where: str) -> Any:
             value = float(value)
         except (TypeError, ValueError):
             raise bad() from None
-    elif kind == "bool":
+    elif kind in ("bool", "bool_auto"):
+        if kind == "bool_auto" and isinstance(value, str) and value.lower() == "auto":
+            return "auto"
         if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
             value = value.lower() in _TRUE
         if not isinstance(value, bool):
@@ -403,6 +415,10 @@ def _check_ranges(loaded: LoadedConfig) -> None:
     if config.warmup_ratio >= 1:  # passed on as warmup_steps, which transformers reads as a step count from 1 up
         raise ConfigError(f"{loaded.where('warmup_ratio')}: warmup_ratio must be below 1 (a fraction of the training "
                           f"steps), got {config.warmup_ratio}")  # fmt: skip
+    workers = config.dataloader_num_workers
+    if workers != "auto" and not workers.isdecimal():
+        raise ConfigError(f"{loaded.where('dataloader_num_workers')}: dataloader_num_workers must be auto or a "
+                          f"number of processes (0 or more), got {workers!r}")  # fmt: skip
     if not 0 <= config.node_rank < config.nnodes:
         raise ConfigError(f"{loaded.where('node_rank')}: node_rank must be in [0, nnodes), got {config.node_rank}")
     if config.epsilon_high is not None and config.epsilon_high < config.epsilon:

@@ -17,6 +17,11 @@ from typing import Any
 
 from vistune.templates import IGNORE_INDEX
 
+#: Batches are padded to a multiple of this many tokens: compiled blocks (``torch_compile``)
+#: are specialised on the length's alignment and would otherwise recompile for unaligned
+#: lengths; tensor cores prefer it too.
+PAD_TO_MULTIPLE_OF = 8
+
 #: Per-token sequences and the value that pads each; other per-token keys pad with 0.
 SEQUENCE_PAD = {"labels": IGNORE_INDEX, "attention_mask": 0}
 

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vistune.causal_lm import disable_cache
-from vistune.data.collate import is_token_sequence, pad_sequences, pad_tensors, padded_length
+from vistune.data.collate import PAD_TO_MULTIPLE_OF, is_token_sequence, pad_sequences, pad_tensors, padded_length
 from vistune.errors import DataError, VistuneError
 from vistune.templates import IGNORE_INDEX
 
@@ -174,12 +174,6 @@ def make_row(samples: Sequence[dict[str, Any]], positions: PositionFn | None = N
     for key, parts in image_parts.items():
         row[key] = pad_tensors(parts)
     return row
-
-
-#: Packed batches are padded to a multiple of this many tokens: compiled blocks
-#: (``torch_compile``) are specialised on the length's alignment and would otherwise
-#: recompile for unaligned lengths; tensor cores prefer it too.
-PAD_TO_MULTIPLE_OF = 8
 
 
 def collate_packed(rows: Sequence[dict[str, Any]], pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> dict[str, Any]:

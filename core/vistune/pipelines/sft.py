@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune import launch
+from vistune.data.collate import PAD_TO_MULTIPLE_OF
 from vistune.errors import VistuneError
 from vistune.plan import Plan
 from vistune.training import checkpoints
@@ -36,7 +37,15 @@ def run(plan: Plan) -> None:
     trainer, processor = build_trainer(plan)
     if resume_from is not None:
         print(f"vistune: resuming from {resume_from}", flush=True)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except VistuneError as exc:  # a bad record found by a DataLoader worker: its own message and hint
+        from vistune.data.encoded import error_from_worker
+
+        error = error_from_worker(exc)
+        if error is exc:
+            raise
+        raise error from exc
     if launch.is_main_process():
         print(f"vistune: training data: {trainer.encoded_train_dataset.summary()}", flush=True)
     save_final(trainer, processor, plan)
@@ -76,13 +85,11 @@ def build_trainer(plan: Plan):
         collator = packing.collate_packed
         overrides = {**packing.trainer_overrides(), **overrides}
     else:
-        collator = Collator(pad_token_id(processor))
+        # aligned lengths: compiled blocks specialise on alignment, and tensor cores prefer it
+        collator = Collator(pad_token_id(processor), pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
     model = loading.apply_adapter(plan, model)
-    if config.torch_compile:
-        from vistune.training.compile import compile_blocks
-
-        compile_blocks(model)
     args = training_arguments(config, plan.launch.device, has_eval=eval_dataset is not None, **overrides)
+    maybe_compile(model, plan, args, train_dataset)
     trainer = VistuneTrainer(
         model=model,
         args=args,
@@ -99,6 +106,25 @@ def build_trainer(plan: Plan):
     trainer.add_callback(MetricsCallback(config.output_dir, config.report_to))
     get_plugin_manager().hook.vistune_trainer_created(trainer=trainer, config=config)
     return trainer, processor
+
+
+def maybe_compile(model, plan: Plan, args, train_dataset) -> None:
+    """Compile the model's transformer blocks when ``torch_compile`` (default ``auto``) says so, and say why."""
+    from vistune.training.compile import compile_blocks, compile_decision, planned_steps
+
+    config = plan.config
+    processes = config.gpu_num * config.nnodes
+    steps = planned_steps(args, train_dataset, processes)
+    chosen, why = compile_decision(config.torch_compile, device=plan.launch.device, planned_steps=steps,
+                                   parallel_method=config.parallel_method,
+                                   quantized=config.quantization != "none")  # fmt: skip
+    if chosen:
+        blocks = compile_blocks(model)
+        message = f"compiling {blocks} transformer blocks ({why}); the first steps include the compile"
+    else:
+        message = f"not compiling ({why})"
+    if launch.is_main_process() and (chosen or config.torch_compile == "auto" and plan.launch.device == "cuda"):
+        print(f"vistune: torch_compile {config.torch_compile}: {message}", flush=True)
 
 
 class MemoryCachedDataset:

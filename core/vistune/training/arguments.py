@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from typing import Any
 
 from vistune.errors import ConfigError
@@ -34,6 +35,53 @@ def parallel_arguments(config: Any, device: str) -> dict[str, Any]:
         kwargs["fsdp"] = "full_shard auto_wrap"
         # frozen and trainable parameters share layers under LoRA: keep the original parameters
         kwargs["fsdp_config"] = {"use_orig_params": True, "activation_checkpointing": config.gradient_checkpointing}
+    return kwargs
+
+
+#: Most DataLoader workers ``dataloader_num_workers: auto`` starts per training process.
+MAX_AUTO_WORKERS = 8
+#: Batches each worker prepares ahead (PyTorch's default is 2).  Encoding time varies with
+#: image sizes and sample lengths; a deeper queue absorbs a slow batch without a GPU stall.
+PREFETCH_FACTOR = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (what a scheduler or ``taskset`` allows), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def dataloader_workers(setting: str, device: str, processes_per_node: int) -> int:
+    """How many DataLoader worker processes each training process starts (``dataloader_num_workers``).
+
+    A number is taken as given.  ``auto`` keeps data preparation (image preprocessing,
+    chat template, tokenizing) off the training loop on a GPU: the node's usable CPUs are
+    shared among its ``processes_per_node`` training processes, one CPU of each share is
+    left to the training process itself, and at most :data:`MAX_AUTO_WORKERS` are started
+    (beyond that the workers mostly hold memory).  On CPU the workers would compete with
+    training for the same cores, so ``auto`` is 0 there.
+    """
+    if setting != "auto":
+        return int(setting)
+    if device != "cuda":
+        return 0
+    return min(MAX_AUTO_WORKERS, max(1, usable_cpus() // max(1, processes_per_node) - 1))
+
+
+def dataloader_arguments(config: Any, device: str) -> dict[str, Any]:
+    """Worker processes for the Trainer's DataLoaders (``vistune sft``; RL reads its prompts in-process).
+
+    Workers persist across epochs and evaluations, keeping what they hold (``cache_encoded``),
+    except for packed rows: a packed dataset is told its epoch (its shuffle) in this process,
+    which workers started afresh each epoch see and persistent ones would not.
+    """
+    setting = config.dataloader_num_workers if config.task == "sft" else "0"
+    workers = dataloader_workers(setting, device, config.gpu_num)
+    kwargs: dict[str, Any] = {"dataloader_num_workers": workers, "dataloader_pin_memory": device == "cuda"}
+    if workers:
+        kwargs.update(dataloader_persistent_workers=not config.packing, dataloader_prefetch_factor=PREFETCH_FACTOR)
     return kwargs
 
 
@@ -76,13 +124,13 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides:
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         use_cpu=device == "cpu",
-        dataloader_pin_memory=device == "cuda",
         use_liger_kernel=config.liger,
         # Each process reads its own batches.  Dispatching (accelerate's default for iterable
         # datasets such as packed rows) slices every tensor of a batch along dimension 0 for
         # each process, which cuts image tensors (one entry per image, not per row) and mrope
         # position ids (batch on dimension 1).
         accelerator_config={"dispatch_batches": False},
+        **dataloader_arguments(config, device),
         **parallel_arguments(config, device),
     )
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; older 5.x has only the old name
