@@ -2,7 +2,10 @@
 
 Every system runs as its own process on the same saved checkpoint and the same data
 files, with the same LoRA targets (language model only), batch, max length, dtype
-(bf16), attention kernel (SDPA) and number of steps:
+(bf16), attention kernel (SDPA) and length of run: one epoch of ``--run-steps`` steps
+(what a user's run is; a system that decides something from the run's length, such
+as vistune's ``torch_compile: auto``, decides as it would for that run), stopped by
+the step timer after ``--steps`` steps:
 
 * ``vistune``: ``python -m vistune sft --config FILE`` with a YAML of documented keys;
 * ``hf``: a typical transformers ``Trainer`` + peft script, the processor as collator
@@ -139,12 +142,15 @@ def text_of(rng: random.Random, tokenizer, tokens: int) -> str:
     return " ".join(words)
 
 
-def write_dataset(path: Path, model_dir: Path, kind: str, count: int, *, smoke: bool, seed: int = 0) -> Path:
+def write_dataset(path: Path, model_dir: Path, kind: str, count: int, *, smoke: bool, repeat: int = 1,
+                  seed: int = 0) -> Path:  # fmt: skip
     """A JSONL of ``{messages, images}`` records with JPEGs beside it.
 
     ``fixed``: every sample one image and ~442 text tokens (~1018 in all at 576 image
     tokens).  ``mix``: LLaVA-Instruct-like: 90% one image and lognormal text (median
-    ~150 tokens), 10% text only and longer; no sample over 2048 tokens.
+    ~150 tokens), 10% text only and longer; no sample over 2048 tokens.  ``count``
+    distinct records, the file holding them ``repeat`` times (an epoch as long as a real
+    run's, without writing thousands of pictures).
     """
     if path.is_file():
         return path
@@ -172,9 +178,9 @@ def write_dataset(path: Path, model_dir: Path, kind: str, count: int, *, smoke: 
         if with_image:
             name = f"{i:05d}.jpg"
             write_image(images / name, rng, size)
-            record["images"] = [f"{images.name}/{name}"]
+            record["images"] = [str(images.resolve() / name)]  # absolute: ms-swift reads paths from its own folder
         lines.append(json.dumps(record))
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines * repeat) + "\n")
     return path
 
 
@@ -188,7 +194,6 @@ def vistune_command(work: Path, run: Path, setting: dict, data: Path, args, best
         f"dataset: {data}",
         f"output_dir: {run / 'out'}",
         f"per_device_batch_size: {1 if packing else setting['batch']}",
-        f"max_steps: {args.steps}",
         "max_length: 2048",
         f"lora_target_modules: [{', '.join(targets)}]",
         f"gradient_checkpointing: {str(setting['checkpointing']).lower()}",
@@ -210,7 +215,7 @@ def vistune_command(work: Path, run: Path, setting: dict, data: Path, args, best
 
 def peer_command(script: str, run: Path, setting: dict, data: Path, args, best: bool) -> list[str]:
     command = [sys.executable, str(HERE / "peers" / script), "--model", str(args.work / "model"), "--data", str(data),
-               "--output-dir", str(run / "out"), "--batch", str(setting["batch"]), "--steps", str(args.steps),
+               "--output-dir", str(run / "out"), "--batch", str(setting["batch"]),
                "--max-length", "2048", "--targets", setting["targets"]]  # fmt: skip
     command += ["--gradient-checkpointing"] * setting["checkpointing"] + ["--nf4"] * bool(setting.get("nf4"))
     return command + ["--best"] * best + ["--cpu"] * args.smoke
@@ -222,7 +227,7 @@ def swift_command(run: Path, setting: dict, data: Path, args, best: bool) -> lis
                "--tuner_type", "lora", "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
                "--torch_dtype", "float32" if args.smoke else "bfloat16", "--attn_impl", "sdpa",
                "--per_device_train_batch_size", str(setting["batch"]), "--gradient_accumulation_steps", "1",
-               "--max_steps", str(args.steps), "--max_length", "2048", "--logging_steps", "1", "--save_steps", "100000",
+               "--num_train_epochs", "1", "--max_length", "2048", "--logging_steps", "1", "--save_steps", "100000",
                "--split_dataset_ratio", "0", "--check_model", "false", "--report_to", "none",
                "--gradient_checkpointing", str(setting["checkpointing"]).lower(), "--output_dir", str(run / "out")]  # fmt: skip
     if setting["targets"] == "qv":
@@ -238,7 +243,7 @@ def swift_command(run: Path, setting: dict, data: Path, args, best: bool) -> lis
 
 
 def environment(args, timings: Path, system: str) -> dict:
-    env = dict(os.environ, SFT_BENCH_TIMINGS=str(timings), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, SFT_BENCH_TIMINGS=str(timings), SFT_BENCH_STOP_AFTER=str(args.steps), PYTHONUNBUFFERED="1")
     paths = [str(HERE / "step_timer")]
     if system == "swift":
         paths.append(str(args.swift_site))
@@ -248,6 +253,8 @@ def environment(args, timings: Path, system: str) -> dict:
         if args.site:
             paths.append(str(args.site))
         paths.append(str(HERE / "peers"))
+    if args.common_site:
+        paths.append(str(args.common_site))
     paths.append(env.get("PYTHONPATH", ""))
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
@@ -263,13 +270,13 @@ def available(system: str, args) -> str | None:
     return None
 
 
-def summarise(timings: Path, warmup: int) -> dict:
-    """tokens/s and phase medians from the step timer's file of the process that trained."""
+def summarise(timings: Path, warmup: int, timed_steps: int) -> dict:
+    """tokens/s and phase medians of the first ``timed_steps`` steps, from the timer's file of the process that trained."""
     files = sorted(timings.glob("*.json"))
     if not files:
         raise RuntimeError("the run wrote no step timings (did training start?)")
     record = max((json.loads(f.read_text()) for f in files), key=lambda r: len(r["tokens"]))
-    steps = len(record["tokens"])
+    steps = min(len(record["tokens"]), timed_steps)
     begins, ends, tokens = record["step_begin_s"], record["step_end_s"], record["tokens"]
     warm = min(warmup, steps - 1)
     elapsed = ends[steps] - ends[warm]
@@ -285,15 +292,16 @@ def summarise(timings: Path, warmup: int) -> dict:
         "data_wait_s": statistics.median(waits) if waits else 0.0,
         "step_s": statistics.median(spans) if spans else 0.0,
         "first_step_s": ends[1] - ends[0] if steps else None,
+        "step_spans_s": [round(ends[i + 1] - ends[i], 4) for i in range(steps)],
         "profile": record.get("profile"),
     }
 
 
 def run_one(args, setting_name: str, system: str, config: str, *, packing: bool = False) -> dict:
     setting = SETTINGS[setting_name]
-    label = f"{setting_name}-{system}-{config}" + ("-packed" if packing else "")
-    row = {"setting": setting_name, "system": system, "config": config,
-           "layout": "packed" if packing else "padded"}  # fmt: skip
+    label = f"{setting_name}-{system}-{config}" + ("-packed" if packing else "") + (f"-{args.label}" if args.label else "")
+    row = {"setting": setting_name, "system": system, "config": config, "layout": "packed" if packing else "padded",
+           **({"label": args.label} if args.label else {})}  # fmt: skip
     reason = available(system, args)
     if reason:
         return {**row, "skipped": reason}
@@ -309,8 +317,8 @@ def run_one(args, setting_name: str, system: str, config: str, *, packing: bool 
     else:
         command = peer_command(f"{'hf_trainer' if system == 'hf' else 'trl'}_sft.py", run, setting, data, args, best)
     env = environment(args, run / "timings", system)
-    if system == "vistune" and args.profile and config == "defaults":
-        env["SFT_BENCH_PROFILE"] = f"{args.warmup + 1}-{args.warmup + 3}"
+    if system == "vistune" and args.profile and config == "defaults":  # three steps after the timed ones
+        env.update(SFT_BENCH_PROFILE=f"{args.steps + 1}-{args.steps + 3}", SFT_BENCH_STOP_AFTER=str(args.steps + 3))
     start = time.perf_counter()
     with (run / "log.txt").open("w") as log:
         log.write(" ".join(command) + "\n")
@@ -322,7 +330,7 @@ def run_one(args, setting_name: str, system: str, config: str, *, packing: bool 
             code = "timeout"
     row["wall_s"] = round(time.perf_counter() - start, 1)
     try:
-        row.update(summarise(run / "timings", args.warmup))
+        row.update(summarise(run / "timings", args.warmup, args.steps))
     except Exception as exc:  # noqa: BLE001 - a failed run is a row that says why
         tail = (run / "log.txt").read_text().splitlines()[-15:]
         return {**row, "error": f"exit {code}: {exc}", "log_tail": tail}
@@ -369,16 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="defaults,best", type=lambda s: s.split(","))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of tokens/s")
+    parser.add_argument("--run-steps", type=int, default=1500,
+                        help="steps of batch 4 in the one-epoch run every system is configured for (stopped after --steps)")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "sft-product")
     parser.add_argument("--site", type=Path, help="folder vistune, trl and datasets are installed into (--target)")
     parser.add_argument("--swift-site", type=Path, help="folder ms-swift's wheels are installed into")
+    parser.add_argument("--common-site", type=Path, help="folder every system finds (bitsandbytes, liger-kernel)")
+    parser.add_argument("--label", help="added to every row (e.g. the vistune version measured)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "sft_product.json")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
     parser.add_argument("--profile", action="store_true", help="torch profiler table of vistune's default runs")
     parser.add_argument("--smoke", action="store_true", help="tiny Llava on the CPU, a few steps per system")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+        args.steps, args.warmup, args.run_steps = min(args.steps, 3), min(args.warmup, 1), min(args.run_steps, 20)
         SETTINGS.update({k: {**v, "batch": 2} for k, v in SETTINGS.items()})
     unknown = [s for s in args.settings if s not in SETTINGS] + [s for s in args.systems if s not in SYSTEMS]
     if unknown:
@@ -386,17 +398,18 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_checkpoint(args.work / "model", args.smoke)
     count = args.steps * 4 + 40
-    kinds = {SETTINGS[s]["data"] for s in args.settings}
-    for kind in kinds:
-        write_dataset(args.work / f"data-{kind}.jsonl", model, kind, count * (3 if kind == "mix" else 1),
-                      smoke=args.smoke)  # fmt: skip
+    for kind in {SETTINGS[s]["data"] for s in args.settings}:
+        distinct = count * (3 if kind == "mix" else 1)
+        write_dataset(args.work / f"data-{kind}.jsonl", model, kind, distinct, smoke=args.smoke,
+                      repeat=max(1, args.run_steps * 4 // distinct))  # fmt: skip
     info = {"machine": machine(), "steps": args.steps, "warmup": args.warmup}
     rows = []
     for setting, system, config, packing in plan(args):
         row = run_one(args, setting, system, config, packing=packing)
         profile = row.pop("profile", None)
         if profile:
-            (args.out.parent / f"profile-{setting}-{system}-{config}.txt").write_text(profile)
+            name = "-".join([setting, system, config] + ([args.label] if args.label else []))
+            (args.out.parent / f"profile-{name}.txt").write_text(profile)
         rows.append(row)
         print(json.dumps(row), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

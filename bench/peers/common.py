@@ -2,7 +2,7 @@
 
 Each peer script is written the way its library's documentation writes a VLM fine-tune;
 only the switches the benchmark sets for every system (LoRA targets on the language
-model, batch, max length, checkpointing, steps, 4-bit base) come from here.
+model, batch, max length, checkpointing, 4-bit base) come from here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="JSONL of {messages, images} records, image paths relative to it")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--targets", choices=sorted(TARGETS), default="qv")
     parser.add_argument("--gradient-checkpointing", action="store_true")

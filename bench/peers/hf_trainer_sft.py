@@ -36,7 +36,7 @@ def main() -> None:
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch,
-        max_steps=args.steps,
+        num_train_epochs=1,
         learning_rate=1e-4,
         bf16=not args.cpu,
         use_cpu=args.cpu,

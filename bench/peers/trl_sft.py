@@ -22,7 +22,7 @@ def main() -> None:
     config = SFTConfig(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch,
-        max_steps=args.steps,
+        num_train_epochs=1,
         max_length=args.max_length,
         learning_rate=1e-4,
         bf16=not args.cpu,

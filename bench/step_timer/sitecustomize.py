@@ -13,6 +13,10 @@ Nothing happens unless ``SFT_BENCH_TIMINGS`` names a folder.  Then, when
   model (``attention_mask`` ones, else every ``input_ids`` position);
 * records the first logged loss, the peak reserved GPU memory, and, with
   ``SFT_BENCH_PROFILE=FIRST-LAST``, a torch profiler table of those steps;
+* with ``SFT_BENCH_STOP_AFTER=N``, ends training after N steps, the way a Trainer
+  ends at ``max_steps`` (each system is configured for a full-length run, so that
+  what it decides from the run's length is what a user's run gets, and is stopped
+  once it has been timed);
 
 and writes ``<pid>.json`` into the folder when training ends.  The synchronisations
 cost every system the same few microseconds per step.
@@ -20,6 +24,7 @@ cost every system the same few microseconds per step.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import json
@@ -48,6 +53,7 @@ def _make_callback():
             first, _, last = os.environ.get("SFT_BENCH_PROFILE", "").partition("-")
             self.profile = (int(first), int(last or first)) if first else None
             self.profile_table = None
+            self.stop_after = int(os.environ.get("SFT_BENCH_STOP_AFTER", "0"))
 
         def _count(self, module, args, kwargs):
             if not module.training or not torch.is_grad_enabled():
@@ -85,10 +91,14 @@ def _make_callback():
             self.tokens.append(int(counted) if counted is not None else 0)
             if self._profiler is not None and len(self.begins) == self.profile[1]:
                 self._profiler.__exit__(None, None, None)
-                self.profile_table = self._profiler.key_averages().table(
-                    sort_by="self_cuda_time_total", row_limit=30
-                )
+                averages = self._profiler.key_averages()
+                try:
+                    self.profile_table = averages.table(sort_by="self_device_time_total", row_limit=30)
+                except Exception:  # noqa: BLE001 - older torch names it after CUDA
+                    self.profile_table = averages.table(sort_by="self_cuda_time_total", row_limit=30)
                 self._profiler = None
+            if self.stop_after and len(self.tokens) >= self.stop_after:
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.first_loss is None and logs and isinstance(logs.get("loss"), (int, float)):
@@ -119,6 +129,7 @@ def _instrument(module) -> None:
     trainer_class = module.Trainer
     original_init = trainer_class.__init__
 
+    @functools.wraps(original_init)  # keeps the signature, which some trainers inspect
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         self.add_callback(_make_callback()())
