@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import types
 from pathlib import Path
@@ -82,7 +83,8 @@ def lenient(monkeypatch):
     [
         (Misspelled(), r"has an invalid hook implementation.*unknown hook 'vistune_register_reward'.*"
                        r"did you mean vistune_register_rewards\?"),
-        (WrongArgument(), r"has an invalid hook implementation.*'registr'"),
+        (WrongArgument(), r"has an invalid hook implementation.*'registr'.*"
+                          r"vistune_register_rewards takes register; registr is not one of them"),
         (Undecorated(), r"defines vistune_register_rewards\(\) without the @vistune\.hookimpl decorator"),
         (RegistersGarbage(), r"could not register a spec in vistune_register_rewards.*'not a spec'"),
         (Raises(), r"raised in vistune_register_rewards: RuntimeError: boom"),
@@ -188,3 +190,33 @@ def test_references_to_unregistered_model_types_and_templates_are_reported(lenie
         "plugin 'dangling' from distribution 'dist-dangling' registers model type 'dangling' whose default template "
         "'no-such-template' no loaded plugin registers (hint: install the plugin that provides it, or fix the name)",
     ]
+
+
+def test_list_marks_a_name_registered_twice_as_unusable(register_plugin, capsys, monkeypatch):
+    from vistune.cli import main
+
+    monkeypatch.delenv("VISTUNE_STRICT_PLUGINS", raising=False)
+    register_plugin(reward_plugin("twice-registered"), name="first-owner")
+    register_plugin(reward_plugin("twice-registered"), name="second-owner", allow_errors=True)
+    assert main(["list", "rewards"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "twice-registered" in line)
+    assert "AMBIGUOUS, not usable" in line and "first-owner" in line and "second-owner" in line
+    assert main(["list", "rewards", "--json"]) == 0
+    rows = [row for row in json.loads(capsys.readouterr().out) if row["name"] == "twice-registered"]
+    assert len(rows) == 1 and len(rows[0]["ambiguous"]) == 2
+
+
+def test_vistune_data_dir_generates_embedded_datasets_there(tmp_path, monkeypatch, plugin_manager):
+    from vistune.data.locate import locate_dataset
+
+    monkeypatch.setenv("VISTUNE_DATA_DIR", str(tmp_path))
+    datasets = plugin_manager.registries.datasets
+    embedded = next(spec for spec in datasets if spec.builder is not None)
+    location = locate_dataset(embedded.name, datasets)
+    assert location.found and location.needs_build
+    assert location.data_file == tmp_path / embedded.name / embedded.data_file
+    downloaded = next((spec for spec in datasets if spec.builder is None), None)
+    if downloaded is not None:  # not generated: VISTUNE_DATA_DIR is only one place it may be
+        missing = locate_dataset(downloaded.name, datasets)
+        assert not missing.found and "is not on this machine" in missing.how

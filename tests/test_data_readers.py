@@ -166,7 +166,9 @@ def test_datasets_save_to_disk_directory(tmp_path):
         "conversations": [[{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red."}]],
     })  # fmt: skip
     llava.save_to_disk(str(tmp_path / "hf-llava"))
-    sample = read_records_file(tmp_path / "hf-llava")[0]
+    with pytest.raises(DataError, match="outside the dataset's folders"):  # ../ leaves the dataset's directory
+        read_records_file(tmp_path / "hf-llava")[0]
+    sample = read_records_file(tmp_path / "hf-llava", allowed_image_dirs=[tmp_path / "imgs"])[0]
     assert sample.messages[1] == {"role": "assistant", "content": "Red."} and sample.images[0].size == (8, 6)
 
 
@@ -243,9 +245,12 @@ def test_relative_paths_look_in_the_image_dir_then_beside_the_file(tmp_path):
     path = write_jsonl(tmp_path / "data" / "train.jsonl", [
         chat("<image><image><image>", "x", images=["beside.png", "both.png", str(absolute)]),
     ])  # fmt: skip
-    data = read_dataset(DatasetLocation(path, tmp_path / "images", "messages"))
+    with pytest.raises(DataError, match=r"train.jsonl:1: image '.*abs.png' is outside the dataset's folders"):
+        read_dataset(DatasetLocation(path, tmp_path / "images", "messages"))[0]
+    allowed = {"allowed_image_dirs": [tmp_path / "elsewhere"]}
+    data = read_dataset(DatasetLocation(path, tmp_path / "images", "messages"), **allowed)
     assert [im.size for im in data[0].images] == [(3, 3), (4, 4), (6, 6)]
-    assert [im.size for im in read_records_file(path)[0].images] == [(3, 3), (5, 5), (6, 6)]
+    assert [im.size for im in read_records_file(path, **allowed)[0].images] == [(3, 3), (5, 5), (6, 6)]
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata
+import inspect
 import os
 import re
 import sys
@@ -239,7 +240,17 @@ def hook_names() -> list[str]:
 
 
 def _known_hooks_hint(plugin: Any) -> str:
+    """What is wrong with a plugin's hook implementations: an argument a hook does not take, or a misspelt hook."""
     names = hook_names()
+    for attr in (a for a in dir(plugin) if a in names):
+        taken = list(inspect.signature(getattr(hookspecs, attr)).parameters)
+        try:
+            asked = list(inspect.signature(getattr(plugin, attr)).parameters)
+        except (TypeError, ValueError):
+            continue
+        wrong = [arg for arg in asked if arg not in taken and arg != "self"]
+        if wrong:
+            return f"{attr} takes {', '.join(taken) or 'no arguments'}; {', '.join(wrong)} is not one of them"
     unknown = [a for a in dir(plugin) if a.startswith("vistune_") and a not in names]
     for attr in unknown:
         close = difflib.get_close_matches(attr, names, n=1)

@@ -92,6 +92,10 @@ class Registry(Generic[T]):
     def owner(self, name: str) -> Owner:
         return self._entries[name][1]
 
+    def claimants(self, name: str) -> list[Owner]:
+        """Every owner that registered ``name``: more than one makes it ambiguous (unusable)."""
+        return [owner for _, owner in self._conflicts.get(name, [])]
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

@@ -52,6 +52,8 @@ class EncodedDataset(Dataset):
         #: One byte per sample (:data:`UNKNOWN`, :data:`ENCODED`, :data:`DROPPED`, :data:`BAD`),
         #: in shared memory: DataLoader workers, forked or spawned, write to this same array.
         self.status = torch.zeros(len(records), dtype=torch.uint8).share_memory_()
+        for index in getattr(records, "known_bad", ()):  # found by validation before training: counted up front
+            self.status[index] = BAD
         self._rejected: dict[int, str] = {}  # reasons of the samples this process found bad
 
     def __len__(self) -> int:

@@ -68,6 +68,11 @@ def locate_dataset(name: str, registry: Registry[Dataset], dataset_path: str | N
         data_file = root / spec.data_file  # an empty data_file names the directory itself
         if data_file.exists():
             return DatasetLocation(data_file, root / spec.image_dir, spec.format, spec, how=f"{how}: {root}")
+        if how == "VISTUNE_DATA_DIR":  # a root for every dataset: one it lacks is generated there, or looked for on
+            if spec.builder is not None:
+                return DatasetLocation(data_file, root / spec.image_dir, spec.format, spec,
+                                       how=f"generated locally into {root}", needs_build=True)  # fmt: skip
+            continue
         return DatasetLocation(
             None, None, spec.format, spec,
             how=f"{how} points at {root}, but {data_file} does not exist",

@@ -159,7 +159,19 @@ class _JsonLinesSource:
         # Opened per read: cheap next to decoding images, and safe in DataLoader worker processes.
         with open(self.path, "rb") as f:
             f.seek(self.starts[index])
-            line = f.readline()
+            return self._parse(f.readline(), index)
+
+    def iter_raw(self, count: int):
+        """``(index, record or DataError)`` of the first ``count`` records, reading the file once."""
+        with open(self.path, "rb") as f:
+            for index in range(count):
+                f.seek(self.starts[index])
+                try:
+                    yield index, self._parse(f.readline(), index)
+                except DataError as exc:
+                    yield index, exc
+
+    def _parse(self, line: bytes, index: int) -> Any:
         try:
             return json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -214,6 +226,9 @@ class _JsonArraySource:
     def raw(self, index: int) -> Any:
         return json.loads(self.text[self.starts[index] : self.ends[index]])
 
+    def iter_raw(self, count: int):
+        return ((index, self.raw(index)) for index in range(count))
+
 
 class _HFDiskSource:
     """A ``datasets`` save_to_disk directory (memory-mapped Arrow; rows decoded on access)."""
@@ -246,6 +261,18 @@ class _HFDiskSource:
 
     def raw(self, index: int) -> Any:
         return self.dataset[index]
+
+    def iter_raw(self, count: int):
+        """Rows with image columns left as stored (``{"bytes", "path"}``): checking needs no decoding."""
+        import datasets
+
+        rows = self.dataset.select(range(count)) if count < len(self.dataset) else self.dataset
+        for name, feature in rows.features.items():
+            if isinstance(feature, datasets.Image):
+                rows = rows.cast_column(name, datasets.Image(decode=False))
+            elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images
+                rows = rows.cast_column(name, type(feature)(datasets.Image(decode=False)))
+        return enumerate(rows)
 
 
 def _open_source(path: Path, fmt: str | None):
@@ -383,6 +410,7 @@ class RecordDataset(Sequence):
         on_bad_record: str = "error",
         allow_remote_images: bool = False,
         max_samples: int | None = None,
+        allowed_image_dirs: Sequence[Path] = (),
     ):
         if on_bad_record not in ON_BAD_RECORD:
             raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
@@ -391,10 +419,15 @@ class RecordDataset(Sequence):
         data_dir = source.path if source.path.is_dir() else source.path.parent
         #: Where relative image paths are looked for, in order.
         self.image_roots = tuple(dict.fromkeys([*(Path(p) for p in image_roots), data_dir]))
+        #: The only directories local images may come from (compared without following links,
+        #: so a link the dataset's owner put inside its folder is followed).
+        self.image_dirs = tuple(os.path.abspath(p) for p in (*self.image_roots, *allowed_image_dirs))
         self.on_bad_record = on_bad_record
         self.allow_remote_images = allow_remote_images
         self._length = len(source) if max_samples is None else min(len(source), max(0, max_samples))
         self._bad: dict[int, str] = {}
+        #: Bad records found by :meth:`validate`, known to every process that reads a copy.
+        self._known_bad: dict[int, str] = {}
 
     @property
     def path(self) -> Path:
@@ -413,6 +446,11 @@ class RecordDataset(Sequence):
         """Why the first skipped records were skipped (``file:line: reason``)."""
         return list(self._bad.values())[:SKIPPED_REASONS_KEPT]
 
+    @property
+    def known_bad(self) -> dict[int, str]:
+        """Bad records :meth:`validate` found: ``{index: "file:line: problem"}``."""
+        return dict(self._known_bad)
+
     def source(self, index: int) -> str:
         """Where record ``index`` comes from: ``file:line`` (``dir row N`` for datasets directories)."""
         return self._source.where(self._index(index))
@@ -426,6 +464,51 @@ class RecordDataset(Sequence):
             raise IndexError(f"record {index} is out of range (the dataset has {self._length})")
         return index
 
+    def _sample_parts(self, record: Any, where: str) -> tuple[list[dict[str, str]], list[Any], dict[str, Any]]:
+        """(messages, image references, columns) of a raw record, its ``<image>`` tags counted."""
+        messages, image_refs, columns = _record_format(record, where, self.format)(record, where)
+        tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+        if tags != len(image_refs):
+            raise DataError(f"{where}: {tags} {IMAGE_TAG} tag(s) but {len(image_refs)} image(s)",
+                            hint=f"put one {IMAGE_TAG} tag in the text where each image goes")  # fmt: skip
+        return messages, image_refs, columns
+
+    def _image_ref(self, ref: Any, where: str) -> Any:
+        """``ref`` with a local path resolved to an existing file inside :attr:`image_dirs`; nothing is opened.
+
+        :raises DataError: for a missing file, a path that leaves the dataset's folders, a
+            remote URL that is not allowed, or something that names no image.
+        """
+        path = ref.get("path") if isinstance(ref, dict) and not ref.get("bytes") else ref
+        if isinstance(path, Path):
+            path = str(path)
+        if hasattr(ref, "getpixel") or isinstance(ref, dict) and ref.get("bytes"):
+            return ref
+        if not isinstance(path, str) or not path:
+            raise DataError(f"{where}: an image must be a path, a URL or a PIL image, got {_clip(repr(ref))}")
+        if path.startswith(REMOTE_PREFIXES):
+            if not self.allow_remote_images:
+                raise DataError(f"{where}: image {_clip(path)} is a remote URL, and remote images are not allowed",
+                                hint="download the images and use local paths, or set allow_remote_images: true")  # fmt: skip
+            return path
+        if path.startswith("data:"):
+            return path
+        local = Path(path.removeprefix("file://")).expanduser()
+        candidates = [local] if local.is_absolute() else [root / local for root in self.image_roots]
+        for candidate in candidates:
+            normal = os.path.abspath(candidate)
+            if not any(normal == d or normal.startswith(d.rstrip(os.sep) + os.sep) for d in self.image_dirs):
+                raise DataError(
+                    f"{where}: image {_clip(path)!r} is outside the dataset's folders ({', '.join(self.image_dirs)})",
+                    hint="keep images under the dataset's folder or image directory, or list their directory "
+                    "in allowed_image_dirs",
+                )
+            if os.path.isfile(normal):
+                return normal
+        looked = ", ".join(str(c) for c in candidates)
+        raise DataError(f"{where}: image {_clip(path)!r} not found (looked for {looked})",
+                        hint="image paths are relative to the dataset's image directory or to the records file")  # fmt: skip
+
     def read(self, index: int) -> Sample:
         """Record ``index`` as a sample with its images opened.
 
@@ -433,20 +516,38 @@ class RecordDataset(Sequence):
         """
         index = self._index(index)
         where = self._source.where(index)
-        record = self._source.raw(index)
-        to_sample = _record_format(record, where, self.format)
-        messages, image_refs, columns = to_sample(record, where)
-        tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
-        if tags != len(image_refs):
-            raise DataError(f"{where}: {tags} {IMAGE_TAG} tag(s) but {len(image_refs)} image(s)",
-                            hint=f"put one {IMAGE_TAG} tag in the text where each image goes")  # fmt: skip
-        images = [open_image(ref, where=where, roots=self.image_roots, allow_remote=self.allow_remote_images)
+        messages, image_refs, columns = self._sample_parts(self._source.raw(index), where)
+        images = [open_image(self._image_ref(ref, where), where=where, allow_remote=self.allow_remote_images)
                   for ref in image_refs]  # fmt: skip
         return Sample(messages=messages, images=images, columns=columns, source=where)
+
+    def validate(self) -> dict[int, str]:
+        """Check every record without decoding images: ``{index: "file:line: problem"}`` of the bad ones.
+
+        What is checked is what :meth:`read` would refuse short of decoding: the JSON, the
+        format and its fields, one image per ``<image>`` tag, and each local image file
+        present inside the dataset's folders.  The bad records found are remembered, so
+        reading skips them without a second look (``on_bad_record: skip``).
+        """
+        bad: dict[int, str] = {}
+        for index, record in self._source.iter_raw(self._length):
+            where = self._source.where(index)
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                _, image_refs, _ = self._sample_parts(record, where)
+                for ref in image_refs:
+                    self._image_ref(ref, where)
+            except DataError as exc:
+                bad[index] = exc.message if exc.message.startswith(where) else f"{where}: {exc.message}"
+        self._known_bad = bad
+        return bad
 
     def get(self, index: int) -> Sample | None:
         """Record ``index``, or ``None`` if it is bad and bad records are skipped (counted)."""
         index = self._index(index)
+        if index in self._known_bad and self.on_bad_record == "skip":
+            self._bad[index] = self._known_bad[index]
         if index in self._bad:
             return None
         try:
@@ -480,12 +581,18 @@ class RecordDataset(Sequence):
         return state
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, for error messages."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def read_dataset(
     location: DatasetLocation,
     *,
     on_bad_record: str = "error",
     allow_remote_images: bool = False,
     max_samples: int | None = None,
+    allowed_image_dirs: Sequence[str | os.PathLike] = (),
 ) -> RecordDataset:
     """Open the records of a located dataset, lazily.
 
@@ -496,6 +603,8 @@ def read_dataset(
         ``"skip"`` counts it and reads the next good record instead.
     :param allow_remote_images: open ``http(s)://`` image URLs (else they are an error).
     :param max_samples: use only the first records.
+    :param allowed_image_dirs: directories besides the dataset's own folder and image
+        directory that local images may come from.
     :raises DataError: when the dataset is not found or its file cannot be indexed.
     """
     if not location.found:
@@ -512,6 +621,7 @@ def read_dataset(
         on_bad_record=on_bad_record,
         allow_remote_images=allow_remote_images,
         max_samples=max_samples,
+        allowed_image_dirs=[Path(d) for d in allowed_image_dirs],
     )
 
 
