@@ -42,15 +42,17 @@ def test_help_version_plugins_list_and_dry_run_import_no_model_library(tmp_path,
     config.write_text(reference_config_text)
     other_tasks = tmp_path / "any-task.yaml"
     other_tasks.write_text(reference_config_text.replace("task: sft\n", "rewards: [some-reward]\n"))
-    commands = [["--help"], ["--version"], ["plugins"], ["plugins", "--json"], ["sft", "--help"],
-                *(["list", kind, "--json"] for kind in LIST_KINDS), ["list", "models"],
-                ["sft", "--config", str(config), "--dry-run"],
+    answers = [["--help"], ["--version"], ["plugins"], ["plugins", "--json"], ["sft", "--help"],
+               *(["list", kind, "--json"] for kind in LIST_KINDS), ["list", "models"]]  # fmt: skip
+    # the reference model and dataset are not on this machine: the plans are printed, and not ready
+    dry_runs = [["sft", "--config", str(config), "--dry-run"],
                 *([task, "--config", str(other_tasks), "--dry-run"] for task in ("rl", "infer", "serve", "export"))]  # fmt: skip
+    commands = answers + dry_runs
     result = subprocess.run([sys.executable, "-c", IMPORT_PROBE, json.dumps(HEAVY), json.dumps(commands)],
                             capture_output=True, text=True, env=clean_env(), timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert [code for _, code, _ in report] == [0] * len(commands), report
+    assert [code for _, code, _ in report] == [0] * len(answers) + [2] * len(dry_runs), report
     imported = {" ".join(argv): modules for argv, _, modules in report if modules}
     assert not imported, f"heavy modules imported: {imported}"
 
@@ -158,3 +160,25 @@ def test_a_run_that_cannot_start_lists_every_problem_and_exits_2(tmp_path, capsy
     assert "model: 'nowhere' is neither a local directory nor a registered alias" in err
     assert "adapter: unknown adapters 'lroa'" in err and "needs a dataset" in err
     assert "hint: `vistune sft --config ... --dry-run` shows the whole plan" in err
+
+
+def test_dry_run_exit_status_says_whether_the_run_could_start(tmp_path, tiny_llama):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    ready = tmp_path / "ready.yaml"
+    ready.write_text(f"model: {tiny_llama}\ndataset: {data}\ndevice: cpu\noutput_dir: {tmp_path / 'out'}\n")
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(f"model: {tmp_path / 'no-such-model'}\ndataset: {data}\ndevice: cpu\n")
+
+    def dry_run(config):
+        return subprocess.run([sys.executable, "-m", "vistune", "sft", "--config", str(config), "--dry-run"],
+                              capture_output=True, text=True, env=clean_env(), timeout=120)  # fmt: skip
+
+    result = dry_run(ready)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.rstrip().endswith("\nready")
+    result = dry_run(missing)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "not ready: 1 problem(s)" in result.stdout
+    assert f"{missing}:1: model: '{tmp_path / 'no-such-model'}' is neither a local directory" in result.stdout
+    assert "Traceback" not in result.stderr

@@ -161,3 +161,73 @@ def test_every_field_has_help_type_and_tasks():
         meta = field.metadata
         assert meta["help"] and meta["type"] in ("str", "path", "int", "float", "bool", "bool_auto", "str_list", "dict", "rewards"), name
         assert set(meta["tasks"]) <= {"sft", "rl", "infer", "serve", "export"}, name
+
+
+def alias_bomb() -> str:
+    """A "billion laughs" config: anchors of 9 aliases of the anchor before, 9**9 strings in under 400 bytes."""
+    lines = ["algorithm_options:", '  a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for previous, name in zip("abcdefg", "bcdefgh"):
+        lines.append(f"  {name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    lines.append("lora_target_modules: [" + ",".join(["*h"] * 9) + "]")  # not a list of strings: an error names it
+    return "\n".join(lines) + "\n"
+
+
+# Loads the bomb under a 1 GiB address-space limit, so that a regression fails with MemoryError instead of
+# taking the machine's memory; reports the time taken, the peak of Python allocations and the error.
+BOMB_PROBE = """
+import json, resource, sys, time, tracemalloc
+import yaml
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from vistune.config import load_config
+from vistune.errors import ConfigError
+tracemalloc.start()
+started = time.perf_counter()
+try:
+    load_config(sys.argv[1], task="sft")
+    error = None
+except ConfigError as exc:
+    error = str(exc)
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "peak": tracemalloc.get_traced_memory()[1], "error": error}))
+"""
+
+
+def test_an_alias_bomb_is_refused_fast_and_names_the_file(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = write(tmp_path, alias_bomb(), "bomb.yaml")
+    assert len(alias_bomb().encode()) < 400
+    result = subprocess.run([sys.executable, "-c", BOMB_PROBE, path], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["error"] is not None and report["error"].startswith(f"{path}:1: algorithm_options: the value expands")
+    assert "aliases" in report["error"]
+    assert report["seconds"] < 0.5, report
+    assert report["peak"] < 20 * 1024 * 1024, report
+
+
+def test_aliases_that_expand_modestly_are_fine_and_self_reference_is_refused(tmp_path):
+    shared = "rewards:\n  - {name: a, options: &o {k: [1, 2]}}\n  - {name: b, options: *o}\n"
+    assert [r["options"] for r in load_config(write(tmp_path, shared)).config.rewards] == [{"k": [1, 2]}] * 2
+    with pytest.raises(ConfigError, match=r"loop\.yaml:1: algorithm_options: the value expands to more than"):
+        load_config(write(tmp_path, "algorithm_options: &x {again: *x}\n", "loop.yaml"))
+
+
+def test_a_config_file_over_the_size_limit_is_refused(tmp_path, monkeypatch):
+    import vistune.config
+
+    monkeypatch.setattr(vistune.config, "MAX_CONFIG_BYTES", 1024)
+    path = write(tmp_path, "model: m\n" + "# padding\n" * 200, "large.yaml")
+    with pytest.raises(ConfigError, match=r"large\.yaml: config file is larger than"):
+        load_config(path)
+
+
+def test_values_in_error_messages_are_shortened(tmp_path):
+    long_value = "x" * 100_000
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"gpu_num: [{long_value}, [[[[[1]]]]]]\nquantization: {long_value}\n"))
+    message = str(info.value)
+    assert "gpu_num must be an integer, got ['xxx" in message and "quantization must be one of" in message
+    assert len(message) < 800

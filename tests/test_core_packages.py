@@ -163,7 +163,7 @@ def test_dry_run_resolves_a_reward_from_an_installed_plugin(site, tmp_path):
     config = tmp_path / "rl.yaml"
     config.write_text("model: missing-model-dir\ndataset: data.jsonl\nrewards:\n  - {name: test-length, weight: 0.5}\n")
     result = run_vistune(site, "rl", "--config", str(config), "--dry-run", VISTUNE_PLUGINS="vistune_test_length")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr  # printed, but not ready
     assert "test-length  [vistune-test-length] x 0.5" in result.stdout
     assert "rewards:" not in result.stdout  # no problem reported on the rewards field
     assert "not ready" in result.stdout  # the model and dataset are missing, and said so

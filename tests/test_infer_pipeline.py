@@ -126,3 +126,53 @@ def test_infer_a_vision_dataset_with_a_reward(tiny_llava, tmp_path, monkeypatch)
     assert all(line["reference"].startswith("a ") for line in lines)
     summary = json.loads((tmp_path / "out" / "predictions.summary.json").read_text())
     assert set(summary["rewards"]) == {"bleu"} and set(summary["metrics"]) == {"bleu"}
+
+
+FAILING_REWARDS = '''
+import math
+
+def broken(prompts, completions, **kwargs):
+    raise RuntimeError("the judge is unreachable")
+
+def first_nan(prompts, completions, **kwargs):
+    return [math.nan] + [1.0] * (len(completions) - 1)
+
+def length(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+def abstains(prompts, completions, **kwargs):
+    return [None] * len(completions)
+'''
+
+
+def test_a_failing_reward_is_an_error_named_in_the_summary(tiny_llama, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {word}."}]}) + "\n"
+                            for word in ("one", "two")))  # fmt: skip
+    rewards_file = tmp_path / "my_rewards.py"
+    rewards_file.write_text(FAILING_REWARDS)
+    rewards = [f"{rewards_file}:{name}" for name in ("broken", "first_nan", "length", "abstains")]
+    config = write_config(tmp_path / "infer.yaml", model=str(tiny_llama), dataset=str(data), device="cpu",
+                          max_new_tokens=4, output_dir=str(tmp_path / "out"), metrics=["exact_match"],
+                          rewards=rewards)  # fmt: skip
+    assert main(["infer", "--config", config]) == 2
+    captured = capsys.readouterr()
+    out = captured.out
+    assert f"  my_rewards:broken: FAILED on 2 of 2 sample(s): raised RuntimeError: the judge is unreachable (at " \
+           f"{rewards_file}:5) (sample {data}:1)" in out  # fmt: skip
+    assert f"  my_rewards:first_nan: FAILED on 1 of 2 sample(s) (1.0000 over the others): returned nan, which is not " \
+           f"a finite number or None (sample {data}:1)" in out  # fmt: skip
+    assert "  exact_match: n/a (no references)" in out  # a metric without references is not an error
+    assert "  my_rewards:abstains: n/a (it scored no sample)" in out  # nor a reward that applies to nothing
+    assert "  my_rewards:length: 1" in out and out.count("n/a (no references)") == 1
+    err = captured.err.splitlines()
+    assert err[-2] == (f"error: reward 'my_rewards:broken' failed on 2 of 2 sample(s) (and 1 other reward(s)); first "
+                       f"error: raised RuntimeError: the judge is unreachable (at {rewards_file}:5) (sample {data}:1)")
+    # what did work is written all the same
+    lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["scores"]["my_rewards:broken"] is None
+    summary = json.loads((tmp_path / "out" / "predictions.summary.json").read_text())
+    assert summary["reward_errors"]["my_rewards:broken"]["samples"] == 2
+    assert summary["reward_errors"]["my_rewards:first_nan"] == {
+        "samples": 1, "first_error": f"returned nan, which is not a finite number or None (sample {data}:1)"}  # fmt: skip
+    assert set(summary["reward_errors"]) == {"my_rewards:broken", "my_rewards:first_nan"}

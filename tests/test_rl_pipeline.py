@@ -244,6 +244,47 @@ def test_full_fine_tuning_keeps_a_frozen_reference_copy(tmp_path, text_data, tin
     assert (out / "model.safetensors").is_file()
 
 
+MS_SWIFT_PLUGIN = '''
+from typing import List
+
+
+class MyAcc:
+    """An ms-swift reward class as its docs write one (``swift.plugin.ORM``'s subclass, without ms-swift)."""
+
+    def __call__(self, completions, solution, **kwargs) -> List[float]:
+        return [1.0 if sol in content else 0.0 for content, sol in zip(completions, solution)]
+
+
+orms = {'my_acc': MyAcc}
+
+
+def token_count(completions, completion_ids, trainer_state, **kwargs):
+    """A TRL-style reward reading the token ids and the trainer state."""
+    assert trainer_state.global_step == 0
+    return [float(len(ids)) for ids in completion_ids]
+'''
+
+
+def test_ms_swift_and_trl_style_rewards(tmp_path, tiny_llama, recorder):
+    solutions = ["e", "a", "o", "t"]
+    records = [{"messages": [{"role": "user", "content": f"Say something, number {i}."}], "solution": solutions[i]}
+               for i in range(4)]  # fmt: skip
+    data = tmp_path / "solutions.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    plugin = tmp_path / "swift_plugin.py"
+    plugin.write_text(MS_SWIFT_PLUGIN)
+    out = run_rl(tmp_path, "swift", model=str(tiny_llama), dataset=str(data), max_steps=1,
+                 rewards=[f"{plugin}:my_acc", {"name": f"{plugin}:token_count", "weight": 0.1}])  # fmt: skip
+    [rollout] = recorder.rollouts
+    # each completion was checked against the solution of its own prompt
+    solution_of = {record["messages"][0]["content"]: record["solution"] for record in records}
+    expected = [float(solution_of[p[0]["content"]] in c) for p, c in zip(rollout["prompts"], rollout["completions"])]
+    assert rollout["rewards"]["swift_plugin:my_acc"] == expected
+    assert all(1 <= n <= BASE["max_completion_length"] for n in rollout["rewards"]["swift_plugin:token_count"])
+    [record] = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    assert "reward/swift_plugin:my_acc" in record and "reward/swift_plugin:token_count" in record
+
+
 def test_reward_errors(tmp_path, text_data, tiny_llama, capsys):
     fragile = f"{tmp_path / 'my_rewards.py'}:fragile"
     config = {"task": "rl", **BASE, "model": str(tiny_llama), "dataset": str(text_data), "max_steps": 1,

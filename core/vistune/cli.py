@@ -16,6 +16,9 @@ from vistune import HOOK_API_VERSION, __version__
 from vistune.errors import VistuneError
 from vistune.registry import KINDS
 
+#: Exit status of a run refused for something the user can fix: a bad config, a plan that is not ready.
+EXIT_USER_ERROR = 2
+
 #: `vistune list models` shows the checkpoint aliases too, so they have no kind of their own here.
 LIST_KINDS = tuple(kind for kind in KINDS if kind != "checkpoints")
 
@@ -119,7 +122,11 @@ def cmd_list(args) -> int:
         registry = pm.registries.by_kind[kind]
         for spec in registry:
             owner = registry.owner(spec.name)
-            rows.append({"kind": kind, **_describe(kind, spec), "plugin": owner.plugin, "distribution": owner.distribution})
+            row = {"kind": kind, **_describe(kind, spec), "plugin": owner.plugin, "distribution": owner.distribution}
+            claimants = registry.claimants(spec.name)
+            if claimants:  # registered twice: naming it is an error until one of them goes
+                row["ambiguous"] = [str(claimant) for claimant in claimants]
+            rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -127,6 +134,9 @@ def cmd_list(args) -> int:
         print(f"{kind}:")
         for row in (r for r in rows if r["kind"] == kind):
             extra = f" -> {row['hf_repo_id']}" if kind == "checkpoints" else ""
+            if "ambiguous" in row:
+                print(f"  {row['name']}  AMBIGUOUS, not usable: registered by {' and '.join(row['ambiguous'])}")
+                continue
             print(f"  {row['name']}{extra}  [{row['distribution']}]  {row['description']}")
     return 0
 
@@ -139,8 +149,9 @@ def cmd_task(args, overrides: list[str]) -> int:
     loaded = load_config(args.config, overrides, task=args.command)
     plan = make_plan(loaded, get_plugin_manager())
     if args.dry_run:
+        # the plan goes to stdout either way; the status tells a script whether the run could start
         print(plan.render())
-        return 0
+        return 0 if plan.ready else EXIT_USER_ERROR
     plan.raise_if_not_ready()
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -155,6 +166,13 @@ def cmd_demo(args) -> int:
 
     run_demo(args.output_dir, max_steps=args.max_steps)
     return 0
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars a failed command left open, so that its error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(args)
         return cmd_task(args, extra)
     except VistuneError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ from vistune.errors import ConfigError
 from vistune.quantization import SCHEMES
 
 TASKS = ("sft", "rl", "infer", "serve", "export")
+
+#: Largest config file read: a run config is a few kilobytes.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+#: Most YAML nodes a config may hold once its aliases are expanded (``*x`` repeats what ``&x`` names):
+#: a few hundred bytes of nested aliases otherwise stand for billions of values.
+MAX_CONFIG_NODES = 100_000
+#: Longest rendering of a config value in an error message.
+MAX_SHOWN_CHARS = 200
 
 #: Names accepted for a key and the field they set (for flags of other tools).
 KEY_ALIASES = {
@@ -82,6 +91,10 @@ class RunConfig:
         "error", "a broken record or missing image: stop (error) or skip and count (skip)", type="str", choices=("error", "skip")
     )
     allow_remote_images: bool = option(False, "allow http(s) image URLs in data and requests", type="bool")
+    allowed_image_dirs: list[str] = option(
+        [], "directories besides the dataset's folder and image directory that its images may come from",
+        type="str_list", tasks=("sft", "rl", "infer"),
+    )
     max_length: int = option(2048, "longest tokenised sample", type="int")
     truncation: str = option(
         "error", "a sample longer than max_length: stop (error) or drop and count (drop)", type="str", choices=("error", "drop")
@@ -247,24 +260,101 @@ class LoadedConfig:
 # -- reading -------------------------------------------------------------------------
 
 
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Source]]:
-    """Read a YAML mapping, remembering the line of every top-level key."""
-    import yaml
-
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The config file's text, refused when it is larger than :data:`MAX_CONFIG_BYTES`."""
     try:
-        text = path.read_text()
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB; a run config "
+                          "is a flat mapping of a few kilobytes")  # fmt: skip
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
+
+
+def _expanded_size(node: Any, sizes: dict[int, int] | None = None, open_nodes: set[int] | None = None) -> int:
+    """How many nodes a composed YAML node stands for once every alias is expanded.
+
+    Aliases share nodes, so each distinct node is counted once and its size reused
+    (memoized by identity): the count costs as much as the file is long, however large
+    the expansion.  A node that contains itself expands without end and counts as
+    larger than any limit.
+    """
+    sizes = {} if sizes is None else sizes
+    open_nodes = set() if open_nodes is None else open_nodes
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        return MAX_CONFIG_NODES + 1
+    open_nodes.add(key)
+    children: list[Any] = []
+    if isinstance(node.value, list):
+        for item in node.value:
+            children += list(item) if isinstance(item, tuple) else [item]
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_CONFIG_NODES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
+def _check_expansion(node: Any, path: Path) -> None:
+    """Refuse a document whose aliases expand it beyond :data:`MAX_CONFIG_NODES` (a "billion laughs")."""
+    sizes: dict[int, int] = {}
+    pairs = node.value if isinstance(node.value, list) else []
+    for pair in pairs:
+        if isinstance(pair, tuple) and _expanded_size(pair[1], sizes) > MAX_CONFIG_NODES:
+            key_node = pair[0]
+            key = key_node.value if isinstance(key_node.value, str) else "a key"
+            raise ConfigError(
+                f"{path}:{key_node.start_mark.line + 1}: {key[:100]}: the value expands to more than "
+                f"{MAX_CONFIG_NODES} YAML nodes through its aliases (*name repeats what &name anchors)",
+                hint="write the value out instead of nesting aliases",
+            )
+    if _expanded_size(node, sizes) > MAX_CONFIG_NODES:
+        raise ConfigError(f"{path}: the YAML expands to more than {MAX_CONFIG_NODES} nodes through its aliases "
+                          "(*name repeats what &name anchors)")  # fmt: skip
+
+
+def _parse(text: str, path: Path) -> tuple[Any, Any]:
+    """``(node, data)``: the composed document (for key lines) and its values, built from one parse."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _check_expansion(node, path)
+        return node, loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply for a run config") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Source]]:
+    """Read a YAML mapping, remembering the line of every top-level key.
+
+    Size is bounded twice before any value is looked at: the file's bytes, and the
+    nodes its aliases expand to.
+    """
+    path = Path(path)
+    node, data = _parse(_read_text(path), path)
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
@@ -273,7 +363,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Source]]:
     for key_node, _ in node.value:
         key, line = str(key_node.value), key_node.start_mark.line + 1
         if key in sources:  # YAML would silently keep the last one
-            raise ConfigError(f"{path}:{line}: key {key!r} is set twice (first at line {sources[key].line})")
+            raise ConfigError(f"{path}:{line}: key {_shown(key)} is set twice (first at line {sources[key].line})")
         sources[key] = Source(file=str(path), line=line)
     return data, sources
 
@@ -317,6 +407,26 @@ _TYPE_NAMES = {"str": "a string", "path": "a path", "int": "an integer", "float"
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
+def _bounded_repr() -> reprlib.Repr:
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxlist, shown.maxtuple, shown.maxdict = 3, 8, 8, 8
+    shown.maxstring, shown.maxother = 120, 120
+    return shown
+
+
+_REPR = _bounded_repr()
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for an error message, at most :data:`MAX_SHOWN_CHARS` long.
+
+    Config values come from users and can be huge, or nest shared lists (YAML aliases)
+    whose full repr would take gigabytes; the message needs only their start.
+    """
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
+
+
 def default_value(name: str) -> Any:
     """The default of a config field (a fresh copy for list and dict fields)."""
     default = FIELDS[name].default
@@ -329,7 +439,8 @@ def _convert(name: str, value: Any, where: str) -> Any:
     kind = meta["type"]
 
     def bad(note: str = "") -> ConfigError:
-        return ConfigError(f"{where}: {name} must be {_TYPE_NAMES[kind]}{note}, got {value!r} ({type(value).__name__})")
+        got = f"{_shown(value)} ({type(value).__name__})"
+        return ConfigError(f"{where}: {name} must be {_TYPE_NAMES[kind]}{note}, got {got}")
 
     if value is None:
         if field.default is None or "None" in str(field.type):
@@ -368,9 +479,11 @@ def _convert(name: str, value: Any, where: str) -> Any:
         value = _convert_rewards(value, where)
     choices = meta["choices"]
     if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        text = str(value) if isinstance(value, (str, int, float)) else ""
+        close = difflib.get_close_matches(text, [str(c) for c in choices], n=1) if len(text) < 100 else []
         suggestion = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}{suggestion}")
+        allowed = ", ".join(map(str, choices))
+        raise ConfigError(f"{where}: {name} must be one of {allowed}; got {_shown(value)}{suggestion}")
     return value
 
 
@@ -379,22 +492,23 @@ def _convert_rewards(value: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(value, (str, dict)):
         value = [value]
     if not isinstance(value, list):
-        raise ConfigError(f"{where}: rewards must be a list of reward names or mappings, got {value!r}")
+        raise ConfigError(f"{where}: rewards must be a list of reward names or mappings, got {_shown(value)}")
     out = []
     for i, item in enumerate(value):
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise ConfigError(f"{where}: rewards[{i}] must be a name or a mapping with a 'name' key, got {item!r}")
+            raise ConfigError(f"{where}: rewards[{i}] must be a name or a mapping with a 'name' key, got {_shown(item)}")
         unknown = set(item) - {"name", "weight", "options"}
         if unknown:
-            raise ConfigError(f"{where}: rewards[{i}] has unknown keys {sorted(unknown)}; allowed: name, weight, options")
+            raise ConfigError(f"{where}: rewards[{i}] has unknown keys {_shown(sorted(map(str, unknown)))}; "
+                              "allowed: name, weight, options")  # fmt: skip
         weight = item.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"{where}: rewards[{i}].weight must be a number, got {weight!r}")
+            raise ConfigError(f"{where}: rewards[{i}].weight must be a number, got {_shown(weight)}")
         options = item.get("options") or {}
         if not isinstance(options, dict):
-            raise ConfigError(f"{where}: rewards[{i}].options must be a mapping, got {options!r}")
+            raise ConfigError(f"{where}: rewards[{i}].options must be a mapping, got {_shown(options)}")
         out.append({"name": item["name"], "weight": float(weight), "options": options})
     return out
 
@@ -430,9 +544,11 @@ def _check_ranges(loaded: LoadedConfig) -> None:
 
 
 def unknown_key_error(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(FIELDS) + list(KEY_ALIASES), n=1, cutoff=0.6)
+    text = str(key)
+    known = list(FIELDS) + list(KEY_ALIASES)
+    close = difflib.get_close_matches(text, known, n=1, cutoff=0.6) if len(text) < 100 else []
     hint = f"did you mean {close[0]}?" if close else "`vistune sft --help` lists every key"
-    return ConfigError(f"{where}: unknown key {key!r} ({hint})")
+    return ConfigError(f"{where}: unknown key {_shown(key)} ({hint})")
 
 
 def build_config(
@@ -484,7 +600,8 @@ def load_config(path: str | None, overrides: list[str] | None = None, task: str 
         if file_task is not None and file_task != task:
             command = f"vistune {file_task}" + (f" --config {path}" if path else "")
             raise ConfigError(
-                f"{sources.get('task', Source(file=path))}: task is {file_task!r} but the command is `vistune {task}`",
+                f"{sources.get('task', Source(file=path))}: task is {_shown(file_task)} but the command is "
+                f"`vistune {task}`",
                 hint=f"run `{command}` or remove the task key",
             )
         values["task"] = task

@@ -20,6 +20,7 @@ from vistune.data.locate import DatasetLocation, locate_dataset
 from vistune.errors import VistuneError
 from vistune.hardware import visible_gpu_count
 from vistune.models import alias_locations, detect_model_type
+from vistune.outputs import unwritable_reason
 from vistune.plugins import PluginManager
 from vistune.quantization import QuantizationScheme, get_scheme
 
@@ -46,7 +47,8 @@ class RewardUse:
     weight: float
     options: dict[str, Any]
     spec: specs.Reward | None = None
-    #: ``path/to/file.py:Name`` references are loaded from that file.
+    #: ``path/to/file.py:Name`` references are loaded from that file; ``attribute`` is None for
+    #: ``path/to/file.py`` alone (the one entry of the file's ms-swift ``orms`` dict).
     file: Path | None = None
     attribute: str | None = None
 
@@ -227,14 +229,22 @@ def _top_level_names(tree: ast.Module) -> set[str] | None:
     return names
 
 
+def _reward_file_reference(name: str) -> tuple[str | None, str | None]:
+    """``(file, attribute)`` of a ``file.py:Name`` or ``file.py`` reward; ``(None, None)`` for a registered name."""
+    if name.endswith(".py"):
+        return name, None
+    file_part, sep, attribute = name.rpartition(":")
+    return (file_part, attribute) if sep and file_part.endswith(".py") else (None, None)
+
+
 def _resolve_rewards(plan: Plan, pm: PluginManager, required: bool) -> None:
     config = plan.config
     if required and not config.rewards:
         plan.problem("rewards", "RL needs at least one reward", hint="e.g. rewards: [bleu] (`vistune list rewards`)")
     for entry in config.rewards:
         use = RewardUse(entry["name"], entry["weight"], entry["options"])
-        file_part, sep, attribute = entry["name"].rpartition(":")
-        if sep and file_part.endswith(".py"):
+        file_part, attribute = _reward_file_reference(entry["name"])
+        if file_part is not None:
             file = Path(file_part)
             if not file.is_file():
                 plan.problem("rewards", f"reward file {file} does not exist")
@@ -245,8 +255,13 @@ def _resolve_rewards(plan: Plan, pm: PluginManager, required: bool) -> None:
                 plan.problem("rewards", f"{file}:{exc.lineno}: syntax error: {exc.msg}")
                 continue
             defined = _top_level_names(tree)
-            if defined is not None and attribute not in defined:
-                plan.problem("rewards", f"{file} defines no {attribute!r} (top-level names: {', '.join(sorted(defined))})")
+            # a name the file does not define may be an entry of its ms-swift orms dict, looked up on loading
+            if defined is not None and attribute not in defined and "orms" not in defined:
+                names = ", ".join(sorted(defined))
+                if attribute is None:
+                    plan.problem("rewards", f"{file} names no reward (top-level names: {names})", hint=f"write {file}:Name")
+                else:
+                    plan.problem("rewards", f"{file} defines no {attribute!r} (top-level names: {names})")
                 continue
             use.file, use.attribute = file, attribute
             plan.lines.append(("rewards", f"{entry['name']} x {use.weight:g}  (local file)"))
@@ -280,6 +295,33 @@ def _resolve_launch(plan: Plan) -> None:
                      hint="set parallel_method: ddp for CPU processes, or run fsdp on GPUs")  # fmt: skip
     where = f"{config.nnodes} node(s) x {config.gpu_num} process(es)" if config.nnodes > 1 else f"{config.gpu_num} process(es)"
     plan.lines.append(("launch", f"{launch.method if launch.distributed else 'single process'} on {device}, {where}"))
+
+
+def _written_dir(config: RunConfig) -> tuple[str, Path] | None:
+    """``(field, directory)`` the task creates and writes into; None for a task that writes nothing."""
+    if config.task in ("sft", "rl"):
+        return "output_dir", Path(config.output_dir)
+    if config.task == "infer":
+        if config.output_file:
+            return "output_file", Path(config.output_file).parent
+        return "output_dir", Path(config.output_dir)
+    if config.task == "export":
+        # the merged model is staged next to its final place, then renamed into it
+        if config.export_dir:
+            return "export_dir", Path(config.export_dir).parent
+        return "output_dir", Path(config.output_dir)
+    return None
+
+
+def _check_output(plan: Plan) -> None:
+    """A problem for an output directory that cannot be created or written, found before anything loads."""
+    written = _written_dir(plan.config)
+    if written is None:
+        return
+    field, directory = written
+    reason = unwritable_reason(directory)
+    if reason:
+        plan.problem(field, reason, hint=f"set {field} to a directory this user can create and write")
 
 
 def _note_unused(plan: Plan) -> None:
@@ -354,5 +396,6 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
     if config.adapter_path and not Path(config.adapter_path).is_dir():
         plan.problem("adapter_path", f"{config.adapter_path} is not a directory")
     plan.lines.append(("output_dir", config.output_dir))
+    _check_output(plan)
     _note_unused(plan)
     return plan

@@ -176,6 +176,8 @@ class Reward:
     ``factory(**options)`` returns a callable
     ``reward(prompts, completions, **columns) -> list[float | None]`` (or a coroutine
     function returning that list).  ``None`` means "does not apply to this sample".
+    Rewards are called by keyword, TRL-style (``reward(completions, solution, **kwargs)``
+    works too); :mod:`vistune.rl.rewards` lists the arguments.
     """
 
     name: str = _name

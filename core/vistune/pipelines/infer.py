@@ -6,7 +6,10 @@ that follows it, else a ``reference`` / ``references`` / ``caption`` / ``answer`
 column.  Predictions are written as they are produced, one JSON object per line, so an
 interrupted run keeps what it did.  ``metrics`` (bleu, exact_match) and ``rewards``
 score each prediction; the summary (means, token counts, throughput) is printed and
-saved next to the predictions as ``<name>.summary.json``.
+saved next to the predictions as ``<name>.summary.json``.  A reward that raised or gave
+a score that is not a number, on any sample, is an error: the summary names it, with
+how many samples it failed on and its first error, and the command exits non-zero
+(:class:`vistune.rl.rewards.RewardError`) once the predictions and summary are written.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import attrs
 
 from vistune.errors import DataError, VistuneError
+from vistune.outputs import prepare_output_dir
 from vistune.plan import Plan
 from vistune.templates import IMAGE_TAG, Sample
 
@@ -112,6 +116,12 @@ def output_path(config: Any) -> Path:
     return Path(config.output_file) if config.output_file else Path(config.output_dir) / "predictions.jsonl"
 
 
+def _output_where(plan: Plan) -> str:
+    """What names the predictions' directory in an error: the config line and field that set it."""
+    field = "output_file" if plan.config.output_file else "output_dir"
+    return f"{plan.loaded.where(field)}: {field}"
+
+
 def _json_safe(value: Any) -> Any:
     try:
         json.dumps(value)
@@ -142,7 +152,7 @@ def run(plan: Plan) -> dict[str, Any]:
     """Generate, write and score predictions for the plan's dataset; returns the summary."""
     from tqdm.auto import tqdm
 
-    from vistune.data.readers import read_dataset
+    from vistune.data.validation import read_validated
     from vistune.inference import metrics as metric_functions
     from vistune.inference.backends import create_engine
     from vistune.pipelines.sft import ensure_built
@@ -150,11 +160,10 @@ def run(plan: Plan) -> dict[str, Any]:
     config = plan.config
     metric_functions.check_metrics(config.metrics)
     ensure_built(plan.dataset)
-    dataset = read_dataset(plan.dataset, on_bad_record=config.on_bad_record,
-                           allow_remote_images=config.allow_remote_images, max_samples=config.max_samples)  # fmt: skip
+    dataset = read_validated(plan.dataset, config)  # every record checked before the engine starts
     scorer = _scorer(plan)
     path = output_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(path.parent, _output_where(plan))  # before the model loads
     engine = create_engine(plan)
     totals: dict[str, Any] = {"samples": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0}
     metric_values: dict[str, list[float]] = {name: [] for name in config.metrics}
@@ -209,6 +218,7 @@ def run(plan: Plan) -> dict[str, Any]:
         "output_file": str(path),
         "metrics": {name: (sum(v) / len(v) if v else None) for name, v in metric_values.items()},
         "rewards": {name: (sum(v) / len(v) if v else None) for name, v in reward_values.items()},
+        "reward_errors": _reward_errors(scorer),
         "seconds": round(seconds, 3),
         "samples_per_second": round(totals["samples"] / seconds, 3) if seconds > 0 else None,
         "completion_tokens_per_second": round(totals["completion_tokens"] / seconds, 1) if seconds > 0 else None,
@@ -216,17 +226,52 @@ def run(plan: Plan) -> dict[str, Any]:
     summary_path = path.with_name(path.stem + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, summary_path)
+    _raise_for_reward_errors(summary)
     return summary
+
+
+def _reward_errors(scorer: Any) -> dict[str, dict[str, Any]]:
+    """Reward name -> ``{"samples": how many it failed on, "first_error": ...}``, for the rewards that failed."""
+    if scorer is None:
+        return {}
+    return {name: {"samples": record.samples, "first_error": record.first_error}
+            for name, record in scorer.failures.items() if record.samples}  # fmt: skip
+
+
+def _raise_for_reward_errors(summary: dict[str, Any]) -> None:
+    """Exit non-zero for a failed reward: its scores are missing, which a mean over the rest would hide."""
+    from vistune.rl.rewards import RewardError
+
+    failed = summary["reward_errors"]
+    if not failed:
+        return
+    name, first = next(iter(failed.items()))
+    others = f" (and {len(failed) - 1} other reward(s))" if len(failed) > 1 else ""
+    raise RewardError(
+        f"reward {name!r} failed on {first['samples']} of {summary['samples']} sample(s){others}; first error: "
+        f"{first['first_error']}",
+        hint=f"fix the reward; the predictions and the scores that did work are in {summary['output_file']}",
+    )
 
 
 def _print_summary(summary: dict[str, Any], summary_path: Path) -> None:
     lines = [f"vistune infer: {summary['samples']} predictions -> {summary['output_file']}"]
     if summary["failed"] or summary["skipped_records"]:
         lines.append(f"  skipped: {summary['skipped_records']} bad record(s), {summary['failed']} refused prompt(s)")
-    for kind in ("metrics", "rewards"):
-        for name, value in summary[kind].items():
-            lines.append(f"  {name}: {'n/a (no references)' if value is None else f'{value:.4f}'}")
+    for name, value in summary["metrics"].items():
+        lines.append(f"  {name}: {'n/a (no references)' if value is None else f'{value:.4f}'}")
+    for name, value in summary["rewards"].items():
+        lines.append(f"  {name}: {_reward_line(value, summary['reward_errors'].get(name), summary['samples'])}")
     lines.append(f"  {summary['samples_per_second']} samples/s, {summary['completion_tokens_per_second']} tokens/s "
                  f"({summary['completion_tokens']} generated in {summary['seconds']} s)")  # fmt: skip
     lines.append(f"  summary: {summary_path}")
     print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+def _reward_line(mean: float | None, failed: dict[str, Any] | None, samples: int) -> str:
+    """A reward's summary: its mean, and what went wrong when it failed on some samples."""
+    shown = "n/a (it scored no sample)" if mean is None else f"{mean:.4f}"
+    if failed is None:
+        return shown
+    over = "" if mean is None else f" ({shown} over the others)"
+    return f"FAILED on {failed['samples']} of {samples} sample(s){over}: {failed['first_error']}"

@@ -26,6 +26,7 @@ import attrs
 from vistune import launch
 from vistune.config import build_config
 from vistune.errors import ConfigError
+from vistune.outputs import prepare_output_dir
 from vistune.pipelines.export import ADAPTER_CONFIG, resolve_dirs
 from vistune.plan import Plan
 from vistune.training import checkpoints
@@ -44,6 +45,7 @@ def run(plan: Plan) -> None:
 
     plan = with_algorithm_defaults(plan)
     config = plan.config
+    prepare_output_dir(config.output_dir, f"{plan.loaded.where('output_dir')}: output_dir")
     check_liger(plan.loaded)
     refuse_unsupported(plan)
     resume_from = checkpoints.resolve_resume(
@@ -60,6 +62,8 @@ def run(plan: Plan) -> None:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         trainer.close_engine()
+    # a run shorter than the scorer's limit, which a reward failed throughout, trained on nothing from it
+    trainer.scorer.raise_if_failing_throughout(finished=True)
     save_final(trainer, processor, plan, base_dir)
     if trainer.args.should_save:
         from vistune.training.metrics import read_metrics
@@ -151,10 +155,10 @@ def build_trainer(plan: Plan):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from vistune import loading
-    from vistune.data.readers import read_dataset
+    from vistune.data.validation import print_line, read_validated
     from vistune.pipelines.sft import adapter_trainer_overrides
     from vistune.plugins import get_plugin_manager
-    from vistune.rl.rewards import RewardScorer, load_rewards
+    from vistune.rl.rewards import FAILED_BATCHES_LIMIT, RewardScorer, load_rewards
     from vistune.rl.rollout import PromptDataset
     from vistune.rl.trainer import RLTrainer
     from vistune.specs import load_ref
@@ -165,11 +169,12 @@ def build_trainer(plan: Plan):
     pm = get_plugin_manager()
     set_seed(config.seed)
     algorithm = load_ref(plan.algorithm.factory)(config)
-    scorer = RewardScorer(load_rewards(plan.rewards, pm), config.reward_error_policy)
+    scorer = RewardScorer(load_rewards(plan.rewards, pm), config.reward_error_policy,
+                          max_failed_batches=FAILED_BATCHES_LIMIT)  # fmt: skip
+    # every record checked before the model loads
+    records = read_validated(plan.dataset, config, log=print_line if launch.is_main_process() else None)
     model, processor, base_dir, ref_adapter, ref_model = load_policy(plan, algorithm.needs_reference_model())
     encoder = loading.make_encoder(plan, processor)
-    records = read_dataset(plan.dataset, on_bad_record=config.on_bad_record,
-                           allow_remote_images=config.allow_remote_images, max_samples=config.max_samples)  # fmt: skip
     prompts = PromptDataset(records)
     args = training_arguments(config, plan.launch.device, has_eval=False, include_num_input_tokens_seen="no",
                               **adapter_trainer_overrides(plan))  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 from vistune import launch
 from vistune.data.collate import PAD_TO_MULTIPLE_OF
 from vistune.errors import VistuneError
+from vistune.outputs import disk_full_error, prepare_output_dir
 from vistune.plan import Plan
 from vistune.training import checkpoints
 from vistune.training.arguments import check_liger
@@ -23,6 +24,7 @@ from vistune.training.arguments import check_liger
 def run(plan: Plan) -> None:
     """Train the plan's model on its dataset and save the result to ``output_dir``."""
     config = plan.config
+    prepare_output_dir(config.output_dir, f"{plan.loaded.where('output_dir')}: output_dir")
     check_liger(plan.loaded)
     resume_from = checkpoints.resolve_resume(
         config, where=plan.loaded.where("resume"), may_delete=launch.is_main_process()
@@ -61,6 +63,8 @@ def build_trainer(plan: Plan):
 
     from vistune import loading
     from vistune.data.collate import Collator
+    from vistune.data.encoded import EncodedDataset
+    from vistune.data.validation import print_line, read_validated
     from vistune.plugins import get_plugin_manager
     from vistune.training.arguments import training_arguments
     from vistune.training.metrics import MetricsCallback
@@ -68,10 +72,13 @@ def build_trainer(plan: Plan):
 
     config = plan.config
     set_seed(config.seed)  # adapter weights are initialised before the Trainer seeds
+    log = print_line if launch.is_main_process() else None
+    train_records = read_validated(plan.dataset, config, log=log)  # every record checked before the model loads
+    eval_records = read_validated(plan.eval_dataset, config, log=log) if plan.eval_dataset else None
     model, processor = loading.load_model(plan, for_training=True)
     encoder = loading.make_encoder(plan, processor)
-    train_dataset = encoded_train = encoded_dataset(plan, plan.dataset, encoder)
-    eval_dataset = encoded_dataset(plan, plan.eval_dataset, encoder) if plan.eval_dataset else None
+    train_dataset = encoded_train = EncodedDataset(train_records, encoder)
+    eval_dataset = EncodedDataset(eval_records, encoder) if eval_records is not None else None
     if config.cache_encoded and not config.packing:
         train_dataset = MemoryCachedDataset(train_dataset)
         eval_dataset = MemoryCachedDataset(eval_dataset) if eval_dataset is not None else None
@@ -165,21 +172,6 @@ def adapter_trainer_overrides(plan: Plan) -> dict[str, Any]:
     return dict(overrides(plan.config, plan.model_type)) if callable(overrides) else {}
 
 
-def encoded_dataset(plan: Plan, location, encoder):
-    """Read a dataset's records and encode them lazily with the plan's template."""
-    from vistune.data.encoded import EncodedDataset
-    from vistune.data.readers import read_dataset
-
-    config = plan.config
-    samples = read_dataset(
-        location,
-        on_bad_record=config.on_bad_record,
-        allow_remote_images=config.allow_remote_images,
-        max_samples=config.max_samples,
-    )
-    return EncodedDataset(samples, encoder)
-
-
 def ensure_built(location) -> None:
     """Generate an embedded dataset (``Dataset.builder``) on first use."""
     if not location.needs_build or (location.data_file is not None and location.data_file.exists()):
@@ -209,28 +201,51 @@ def save_final(trainer, processor, plan: Plan) -> Path:
     The run file goes in last: its presence marks a complete output, and it tells
     ``vistune infer`` / ``export`` the model type, template and base model.
     """
-    from vistune import __version__
-    from vistune.config import config_to_dict
     from vistune.models import RUN_FILE
     from vistune.training.trainer import fire_checkpoint_saved
 
     config = plan.config
     output_dir = Path(config.output_dir)
-    trainer.save_model(str(output_dir))
+    try:
+        _save_outputs(trainer, processor, plan, output_dir)
+    except Exception as exc:
+        error = disk_full_error(exc, output_dir, "the trained model",
+                                outcome=f"what was written there is incomplete (no {RUN_FILE} marks it done)")
+        if error is None:
+            raise
+        raise error from exc
     if trainer.args.should_save:
-        if processor is not None and trainer.processing_class is None:
-            processor.save_pretrained(str(output_dir))
-        run = {
-            "vistune_version": __version__,
-            "model_type": plan.model_type.name if plan.model_type else None,
-            "template": plan.template.name if plan.template else None,
-            "adapter": plan.adapter.name if plan.adapter else None,
-            "base_model": str(plan.model_dir.resolve()) if plan.model_dir else None,
-            "step": trainer.state.global_step,
-            "config": config_to_dict(config),
-        }
-        tmp = output_dir / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(run, indent=2, default=str) + "\n")
-        os.replace(tmp, output_dir / RUN_FILE)
         fire_checkpoint_saved(str(output_dir), trainer.state.global_step, config)
     return output_dir
+
+
+def _save_outputs(trainer, processor, plan: Plan, output_dir: Path) -> None:
+    """Write the weights, the processor and, last, the run file that marks the output complete.
+
+    A run file from an earlier run goes first: until the new one is written, the weights
+    in ``output_dir`` may be half replaced, and nothing should take them as complete.
+    """
+    from vistune import __version__
+    from vistune.config import config_to_dict
+    from vistune.models import RUN_FILE
+
+    config = plan.config
+    if trainer.args.should_save:
+        (output_dir / RUN_FILE).unlink(missing_ok=True)
+    trainer.save_model(str(output_dir))
+    if not trainer.args.should_save:
+        return
+    if processor is not None and trainer.processing_class is None:
+        processor.save_pretrained(str(output_dir))
+    run = {
+        "vistune_version": __version__,
+        "model_type": plan.model_type.name if plan.model_type else None,
+        "template": plan.template.name if plan.template else None,
+        "adapter": plan.adapter.name if plan.adapter else None,
+        "base_model": str(plan.model_dir.resolve()) if plan.model_dir else None,
+        "step": trainer.state.global_step,
+        "config": config_to_dict(config),
+    }
+    tmp = output_dir / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(run, indent=2, default=str) + "\n")
+    os.replace(tmp, output_dir / RUN_FILE)

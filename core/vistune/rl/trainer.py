@@ -319,7 +319,10 @@ class RLTrainer(VistuneTrainer):
                 for name in names:
                     columns[name].append(group.prompt.columns.get(name))
                 columns["images"].append(group.prompt.images)
-        scores = self.scorer.score(prompts, completions, columns, sources)
+        completion_ids = [ids for group in groups for ids in group.completion_ids]
+        scores = self.scorer.score(
+            prompts, completions, columns, sources, completion_ids=completion_ids, trainer_state=self.state
+        )
         get_plugin_manager().hook.vistune_rollout_scored(
             prompts=prompts, completions=completions, rewards=scores, step=self.state.global_step
         )

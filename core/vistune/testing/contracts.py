@@ -434,12 +434,15 @@ def check_reward(
 ) -> list[float | None]:
     """Build the reward with ``factory(**options)`` and score ``completions``.
 
-    The reward may be a plain or an async callable.  It must return one score per
-    completion, each a finite number or ``None`` ("does not apply").
+    The reward may be a plain or an async callable, called as a run calls it (by keyword,
+    see :mod:`vistune.rl.rewards`).  It must return one score per completion, each a
+    finite number or ``None`` ("does not apply").
 
     :param columns: dataset columns, each a list with one value per completion.
     :returns: the scores.
     """
+    from vistune.rl.rewards import call_reward
+
     _check_spec_type(spec, specs.Reward)
     columns = dict(columns or {})
     if len(prompts) != len(completions) or any(len(v) != len(completions) for v in columns.values()):
@@ -447,7 +450,7 @@ def check_reward(
     factory = _load(spec, "factory")
     reward = factory(**dict(options or {}))
     _fail_unless(callable(reward), spec, f"factory() must return a callable, got {reward!r}")
-    scores = _run(reward(prompts, completions, **columns))
+    scores = _run(call_reward(reward, list(prompts), list(completions), **columns))
     _fail_unless(isinstance(scores, (list, tuple)), spec, f"the reward must return a list, got {scores!r}")
     _fail_unless(len(scores) == len(completions), spec,
                  f"the reward returned {len(scores)} score(s) for {len(completions)} completion(s)")  # fmt: skip

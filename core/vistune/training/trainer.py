@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import Trainer
 
+from vistune.outputs import disk_full_error
 from vistune.training import checkpoints
 from vistune.training.lm_loss import accepts_logits_to_keep, causal_lm_loss
 from vistune.training.param_groups import param_groups, part_learning_rates
@@ -115,27 +116,47 @@ class VistuneTrainer(Trainer):
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        """Stage the Trainer's checkpoint, commit it as ``checkpoint-N`` and rotate old ones.
+
+        A save that fails leaves no trace: the staged files are removed (a full disk gets
+        its space back), and ``checkpoint-N`` never appears, so ``resume: auto`` keeps to the
+        last complete checkpoint.  A full disk is reported in one line (:mod:`vistune.outputs`).
+        """
         step = self.state.global_step
         output_dir = Path(self.args.output_dir)
         staging_root = checkpoints.staging_dir(output_dir, step)
+        final = output_dir / f"{checkpoints.PREFIX}-{step}"
         if self.args.should_save:
             shutil.rmtree(staging_root, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+        try:
+            self._stage_and_commit(model, trial, staging_root, final)
+        except Exception as exc:
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            error = disk_full_error(exc, final, f"the checkpoint of step {step}",
+                                    outcome="the partial checkpoint was removed")  # fmt: skip
+            if error is None:
+                raise
+            raise error from exc
+        if self.args.should_save:
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staging_root:
+                self.state.best_model_checkpoint = str(final)
+            checkpoints.rotate(output_dir, self.vistune_config.save_total_limit)
+            fire_checkpoint_saved(str(final), step, self.vistune_config)
+        self.accelerator.wait_for_everyone()
+
+    def _stage_and_commit(self, model, trial, staging_root: Path, final: Path) -> None:
+        """Every process writes its part into ``staging_root``; the main process then commits it to ``final``."""
         self._staging_root = staging_root
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
         self.accelerator.wait_for_everyone()  # every process has written its RNG state
-        final = output_dir / f"{checkpoints.PREFIX}-{step}"
         if self.args.should_save:
             checkpoints.commit(staging_root / final.name, final)
             os.rmdir(staging_root)
-            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staging_root:
-                self.state.best_model_checkpoint = str(final)
-            checkpoints.rotate(output_dir, self.vistune_config.save_total_limit)
-            fire_checkpoint_saved(str(final), step, self.vistune_config)
-        self.accelerator.wait_for_everyone()
 
 
 def fire_checkpoint_saved(path: str, step: int, config: Any) -> None:
