@@ -33,7 +33,7 @@ def free_port() -> int:
 def test_reference_command_is_accepted_and_awq_refused_clearly_without_a_gpu(tiny_llava, capsys):
     argv = ["serve", "--model_type", "llava", "--model_id_or_path", str(tiny_llava), "--quant_method", "awq",
             "--tensor_parallel_size", "2", "--host", "0.0.0.0", "--port", "8080", "--backend", "transformers"]  # fmt: skip
-    assert main([*argv, "--dry-run"]) == 0
+    assert main([*argv, "--dry-run"]) == 2  # the plan is printed, and says it is not ready
     plan = capsys.readouterr().out
     assert "model_type    llava" in plan and "backend       transformers" in plan
     assert main(argv) == 2
