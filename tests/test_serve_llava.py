@@ -204,7 +204,11 @@ def test_still_serving_after_refusals(client):
 
 
 def test_remote_images_are_fetched_only_when_allowed():
-    """``allow_remote_images`` fetches http(s) images (here from a server on 127.0.0.1), size-checked."""
+    """``allow_remote_images`` fetches http(s) images, size-checked.
+
+    The image server is on 127.0.0.1, which servers never fetch from: ``allow_private_hosts``
+    lets this test through (the address checks are tested in test_serve_hardening.py).
+    """
     import asyncio
 
     from vistune.serving.errors import APIError
@@ -228,14 +232,16 @@ def test_remote_images_are_fetched_only_when_allowed():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    policy = MediaPolicy(allow_remote=True, allow_private_hosts=True)
     try:
-        image = asyncio.run(load_image(base + "/blue.png", MediaPolicy(allow_remote=True)))
+        image = asyncio.run(load_image(base + "/blue.png", policy))
         assert image.size == (24, 24) and image.getpixel((3, 3)) == (0, 0, 255)
         with pytest.raises(APIError) as missing:
-            asyncio.run(load_image(base + "/missing.png", MediaPolicy(allow_remote=True)))
+            asyncio.run(load_image(base + "/missing.png", policy))
         assert missing.value.code == "image_fetch_failed"
         with pytest.raises(APIError) as large:
-            asyncio.run(load_image(base + "/blue.png", MediaPolicy(allow_remote=True, max_bytes=10)))
+            asyncio.run(load_image(base + "/blue.png", MediaPolicy(allow_remote=True, allow_private_hosts=True,
+                                                                    max_bytes=10)))  # fmt: skip
         assert large.value.code == "image_too_large"
         with pytest.raises(APIError) as refused:
             asyncio.run(load_image(base + "/blue.png", MediaPolicy(allow_remote=False)))

@@ -42,6 +42,13 @@ PUBLIC_PATHS = ("/health",)
 #: Images in one chat request.  Each may have up to ``max_image_pixels`` pixels, and all of
 #: a request's images are decoded before the model sees them: this bounds that memory.
 MAX_IMAGES = 16
+#: Characters per token no real prompt averages over a whole context: a prompt longer
+#: than ``max_model_len`` times this many characters cannot fit, and is refused before it
+#: is tokenised (tokenising tens of megabytes takes minutes and gigabytes).  Natural
+#: language averages about 4 characters per token, code and other scripts fewer; only
+#: text made almost entirely of tokens longer than 32 characters (long runs of one
+#: character, in some vocabularies) could fit beyond it.
+MAX_CHARS_PER_TOKEN = 32
 
 
 def resolve_api_key(config: Any) -> str | None:
@@ -93,6 +100,30 @@ async def messages_to_sample(messages: list[Any], policy: MediaPolicy) -> Sample
             text = "\n".join(pieces)
         converted.append({"role": role, "content": text})
     return Sample(converted, images, source="request")
+
+
+def message_chars(messages: list[Any]) -> int:
+    """Characters of text in chat messages (image parts not counted)."""
+    total = 0
+    for message in messages:
+        if isinstance(message.content, str):
+            total += len(message.content)
+        elif message.content:
+            total += sum(len(part.text) for part in message.content if part.type == "text")
+    return total
+
+
+def check_prompt_chars(chars: int, max_model_len: int, param: str) -> None:
+    """Refuse a prompt of ``chars`` characters that cannot fit the context, without tokenising it.
+
+    :raises APIError: 400 ``context_length_exceeded``, as the engine answers a prompt
+        found too long once tokenised.
+    """
+    limit = max_model_len * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise APIError(400, f"the prompt is {chars} characters long, more than the {limit} that can fit the "
+                       f"model's context of {max_model_len} tokens ({MAX_CHARS_PER_TOKEN} characters per token "
+                       "at most); shorten the prompt", param=param, code="context_length_exceeded")  # fmt: skip
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -227,11 +258,17 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "vistune", "max_model_len": engine.max_model_len}]}  # fmt: skip
 
-    async def admitted(handler, *args):
-        """Run ``handler`` inside the admission limit; a stream leaves it when it ends."""
+    async def admitted(handler, request: Request):
+        """Read the body of ``request``, then run ``handler(body)`` inside the admission limit.
+
+        The body is read first, within :data:`~vistune.serving.schemas.BODY_READ_TIMEOUT_S`,
+        so a client that is slow to send it never holds a place others need.  A stream
+        leaves the limit when it ends.
+        """
+        raw = await read_body(request)
         admission.enter()
         try:
-            response = await handler(*args)
+            response = await handler(raw)
         except BaseException:
             admission.leave()
             raise
@@ -258,8 +295,8 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
 
     # -- chat completions --------------------------------------------------------------
 
-    async def chat(request: Request):
-        body = parse_body(await read_body(request), ChatCompletionRequest)
+    async def chat(raw: bytes):
+        body = parse_body(raw, ChatCompletionRequest)
         check_model(body.model)
         if (
             body.max_tokens is not None
@@ -269,6 +306,7 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
             raise bad_request("max_tokens and max_completion_tokens disagree; set one", "max_completion_tokens")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling = _sampling(body, config, max_tokens)
+        check_prompt_chars(message_chars(body.messages), engine.max_model_len, "messages")
         sample = await messages_to_sample(body.messages, policy)
         generation = await _Generation.start(engine, [GenerationRequest(sample, sampling)])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -316,11 +354,14 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
 
     # -- text completions --------------------------------------------------------------
 
-    async def complete(request: Request):
-        body = parse_body(await read_body(request), CompletionRequest)
+    async def complete(raw: bytes):
+        body = parse_body(raw, CompletionRequest)
         check_model(body.model)
         sampling = _sampling(body, config, body.max_tokens)
         prompts = body.prompts()
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                check_prompt_chars(len(prompt), engine.max_model_len, "prompt")
         requests = [GenerationRequest(prompt, sampling) for prompt in prompts]
         generation = await _Generation.start(engine, requests)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

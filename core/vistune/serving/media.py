@@ -1,10 +1,13 @@
 """Loading the images of a request: data URLs, and, only where allowed, remote and local files.
 
 The policy is deny by default.  ``data:`` URLs always work.  ``http(s)`` URLs are
-fetched only with ``allow_remote_images: true``.  ``file://`` URLs and plain paths are
-read only from inside ``allowed_local_media_path`` (after resolving ``..`` and symbolic
-links), so a request can never read an arbitrary file of the server.  Every image is
-checked against ``max_image_pixels`` from its header, before its pixels are decoded.
+fetched only with ``allow_remote_images: true``, and only from public addresses (see
+:mod:`vistune.serving.remote`; :attr:`MediaPolicy.allow_private_hosts` lifts that for
+tests).  ``file://`` URLs and plain paths are read only from inside
+``allowed_local_media_path`` (after resolving ``..`` and symbolic links), so a request
+can never read an arbitrary file of the server.  Every image is checked against
+``max_image_pixels`` and :data:`MAX_ASPECT_RATIO` from its header, before its pixels are
+decoded.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from urllib.parse import unquote, urlparse
 import attrs
 
 from vistune.serving.errors import bad_request
+from vistune.serving.remote import fetch_remote
 
 #: Largest image file accepted, whatever its source (bytes).
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
-REMOTE_TIMEOUT_S = 10.0
+#: Longest side over shortest side accepted.  Processors scale an image's shortest side
+#: up to their input size, so a thin strip (300000x1 pixels, under a kilobyte as PNG)
+#: becomes gigabytes; panoramas and long receipts stay well inside 50:1.
+MAX_ASPECT_RATIO = 50
 
 
 @attrs.frozen
@@ -35,6 +42,10 @@ class MediaPolicy:
     allowed_root: Path | None = None
     max_pixels: int = 4096 * 4096
     max_bytes: int = MAX_IMAGE_BYTES
+    #: Fetch remote images from loopback and private addresses too (never from cloud
+    #: metadata ones).  For tests and programs with a private image store; no config key
+    #: sets it.
+    allow_private_hosts: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> MediaPolicy:
@@ -42,8 +53,21 @@ class MediaPolicy:
         return cls(bool(config.allow_remote_images), root, int(config.max_image_pixels))
 
 
+def check_image_size(width: int, height: int, policy: MediaPolicy, param: str) -> None:
+    """Refuse an image too large or too thin to decode, from the size its header gives.
+
+    :raises APIError: 400 ``image_too_large`` or ``image_aspect_ratio_too_large``, naming the size.
+    """
+    if width * height > policy.max_pixels:
+        raise bad_request(f"the image is {width}x{height} = {width * height} pixels, more than max_image_pixels "
+                          f"({policy.max_pixels})", param, "image_too_large")  # fmt: skip
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise bad_request(f"the image is {width}x{height} pixels: its long side is more than {MAX_ASPECT_RATIO} "
+                          "times its short side", param, "image_aspect_ratio_too_large")  # fmt: skip
+
+
 def decode_image(data: bytes, policy: MediaPolicy, param: str) -> Any:
-    """A PIL RGB image from encoded bytes; refuses undecodable and oversized images."""
+    """A PIL RGB image from encoded bytes; refuses undecodable, oversized and too thin images."""
     from PIL import Image
 
     if len(data) > policy.max_bytes:
@@ -56,10 +80,7 @@ def decode_image(data: bytes, policy: MediaPolicy, param: str) -> Any:
         raise bad_request(f"the image has more than {policy.max_pixels} pixels", param, "image_too_large") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad data
         raise bad_request(f"cannot decode the image: {exc}", param, "invalid_image") from None
-    width, height = image.size
-    if width * height > policy.max_pixels:
-        raise bad_request(f"the image is {width}x{height} = {width * height} pixels, more than max_image_pixels "
-                          f"({policy.max_pixels})", param, "image_too_large")  # fmt: skip
+    check_image_size(*image.size, policy, param)
     try:
         image.load()
         return image.convert("RGB")
@@ -97,27 +118,6 @@ def _local_path(url: str, policy: MediaPolicy, param: str) -> Path:
     return resolved
 
 
-async def _fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
-    import httpx
-
-    try:
-        async with httpx.AsyncClient(timeout=REMOTE_TIMEOUT_S, follow_redirects=True, max_redirects=3) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise bad_request(f"fetching the image {url!r} answered HTTP {response.status_code}", param,
-                                      "image_fetch_failed")  # fmt: skip
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > policy.max_bytes:
-                        raise bad_request(f"the image at {url!r} is larger than {policy.max_bytes} bytes", param,
-                                          "image_too_large")  # fmt: skip
-                    chunks.append(chunk)
-                return b"".join(chunks)
-    except httpx.HTTPError as exc:
-        raise bad_request(f"cannot fetch the image {url!r}: {exc}", param, "image_fetch_failed") from None
-
-
 async def load_image(url: str, policy: MediaPolicy, param: str = "messages") -> Any:
     """The PIL image an ``image_url`` points at, if the policy allows reading it.
 
@@ -132,7 +132,8 @@ async def load_image(url: str, policy: MediaPolicy, param: str = "messages") -> 
         if not policy.allow_remote:
             raise bad_request("remote image URLs are disabled on this server (allow_remote_images is false); "
                               "send the image as a data URL", param, "remote_media_not_allowed")  # fmt: skip
-        data = await _fetch(url, policy, param)
+        data = await fetch_remote(url, max_bytes=policy.max_bytes, param=param,
+                                  allow_private=policy.allow_private_hosts)  # fmt: skip
     elif scheme in ("file", ""):
         path = _local_path(url, policy, param)
         data = await asyncio.to_thread(_read_limited, path, policy, param)

@@ -4,12 +4,19 @@ Types are strict (``"max_tokens": "5"`` is refused, not coerced), so a client bu
 up as a clear 400 instead of surprising output.  Fields of the OpenAI API that vistune
 does not implement are refused when set to anything but their neutral value, rather
 than silently ignored.
+
+Bodies are read within :data:`BODY_READ_TIMEOUT_S`, checked for nesting deeper than
+:data:`MAX_JSON_DEPTH` before they are parsed, and every string in them must be valid
+Unicode text (no lone surrogates), so malformed input is refused with a 4xx instead of
+failing deep inside the parser or the tokenizer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from itertools import accumulate
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -26,6 +33,14 @@ MAX_PROMPTS = 64
 #: Seeds are 64-bit signed integers, as in vLLM's server; completion ``i`` is seeded
 #: ``seed + i``, which then stays inside the range torch's generators accept.
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+#: Deepest nesting of JSON arrays and objects accepted in a body.  Real requests nest a
+#: few levels (body, messages, message, content, part, image_url); the bound keeps the
+#: parser, which recurses once per level, far from Python's recursion limit.
+MAX_JSON_DEPTH = 64
+#: Time a client has to send the whole body once the headers are in (seconds).  A
+#: client that stalls mid-body is answered 408 and disconnected; it never holds a place
+#: in the admission limit, which a request enters only once its body has been read.
+BODY_READ_TIMEOUT_S = 30.0
 
 Number = StrictFloat | StrictInt
 
@@ -154,25 +169,155 @@ def _too_large() -> APIError:
     return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
 
 
-async def read_body(request: Any) -> bytes:
-    """The body of a Starlette ``request``, read no further than :data:`MAX_BODY_BYTES`.
+async def read_body(request: Any, timeout: float | None = None) -> bytes:
+    """The body of a Starlette ``request``, read no further than :data:`MAX_BODY_BYTES`
+    and for no longer than ``timeout`` seconds (default :data:`BODY_READ_TIMEOUT_S`).
 
     A declared ``Content-Length`` over the limit is refused before anything is read, and a
     chunked body is refused as soon as it passes the limit, so a huge upload never sits in
-    memory whole.
+    memory whole.  A body that does not arrive in time is answered 408 with
+    ``Connection: close``: the rest of it may still be on its way, so the connection
+    cannot carry another request.
 
-    :raises APIError: 413.
+    :raises APIError: 413, 408.
     """
+    timeout = BODY_READ_TIMEOUT_S if timeout is None else timeout
+    try:
+        return await asyncio.wait_for(_read_limited(request), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout",
+                       headers={"Connection": "close"}) from None  # fmt: skip
+
+
+async def _read_limited(request: Any) -> bytes:
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _too_large()
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_large()
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _too_large()
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client is gone: refused, rather than logged as an internal error
+        raise bad_request("the client disconnected before sending the whole body", code="client_disconnected") from None
     return b"".join(chunks)
+
+
+# -- JSON that parses without harm -------------------------------------------------------
+
+#: Bytes that are not quotes or brackets, deleted to leave a body's structure.
+_NOT_STRUCTURE = bytes(range(256)).translate(None, b'"[]{}')
+#: Nesting change of each byte: +1 for an opening bracket, -1 for a closing one.
+_DEPTH_STEP = [1 if byte in b"[{" else -1 if byte in b"]}" else 0 for byte in range(256)]
+#: Bytes handled at once by the nesting scan: keeps its temporary lists small.
+_SCAN_CHUNK = 1 << 20
+
+
+def _as_utf8(raw: bytes) -> bytes:
+    """``raw`` in UTF-8.  ``json.loads`` also reads UTF-16 and UTF-32 bodies, whose bytes
+    the nesting scan cannot read; lone surrogates are kept, to be refused by name later.
+
+    :raises UnicodeDecodeError: for bytes invalid in the detected encoding.
+    """
+    encoding = json.detect_encoding(raw)
+    if encoding in ("utf-8", "utf-8-sig"):
+        return raw
+    return raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+
+
+def _brackets_outside_strings(raw: bytes) -> bytes:
+    """The brackets of a UTF-8 JSON text that are not inside strings, in order.
+
+    Escapes are dropped first (``\\\\``, then ``\\"``), so every quote left opens or
+    closes a string; strings are then cut out by quote parity.  All steps are bytes
+    methods running in C, chunk by chunk, so a 64 MiB body is scanned in about a second
+    whatever its shape (parsing the same body takes longer).
+    """
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    text = text.replace(b'""', b"")  # strings without brackets; removing two quotes keeps the parity
+    if b'"' not in text:
+        return text
+    pieces, inside = [], False
+    for start in range(0, len(text), _SCAN_CHUNK):
+        parts = text[start : start + _SCAN_CHUNK].split(b'"')
+        pieces.append(b"".join(parts[inside::2]))
+        inside ^= len(parts) % 2 == 0  # an odd number of quotes in the chunk
+    return b"".join(pieces)
+
+
+def nested_deeper_than(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text ``raw`` (UTF-8) nests arrays and objects more than ``limit`` deep.
+
+    For any prefix ``json.loads`` accepts, the scan splits strings as the parser does, so
+    it sees at least the depth the parser would reach.  It stops at the first chunk that
+    goes too deep.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets, depth = _brackets_outside_strings(raw), 0
+    for start in range(0, len(brackets), _SCAN_CHUNK):
+        chunk = brackets[start : start + _SCAN_CHUNK]
+        if max(accumulate(map(_DEPTH_STEP.__getitem__, chunk), initial=depth)) > limit:
+            return True
+        depth += chunk.count(b"[") + chunk.count(b"{") - chunk.count(b"]") - chunk.count(b"}")
+    return False
+
+
+#: A UTF-16 surrogate: half of a pair in UTF-16, never a character of text on its own.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _printable(name: str) -> str:
+    """A key as it can be shown in an error (lone surrogates written as escapes)."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _not_unicode(value: Any, path: str = "") -> str | None:
+    """The path (``messages.0.content``) of the first string in parsed JSON that is not
+    valid Unicode text, or ``None``.
+
+    JSON's ``\\ud800`` escape decodes to a lone surrogate, which no encoder (UTF-8, a
+    tokenizer) accepts.  A bad key is reported as the object holding it.
+    """
+    if isinstance(value, str):
+        return None if value.isascii() or not _SURROGATE.search(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{_printable(key)}" if path else _printable(key)
+            if not key.isascii() and _SURROGATE.search(key):
+                return path or where
+            if (found := _not_unicode(item, where)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _not_unicode(item, f"{path}.{i}" if path else str(i))) is not None:
+                return found
+    return None
+
+
+def load_json(raw: bytes) -> Any:
+    """Parse a JSON body, refusing what would fail inside the parser or later on.
+
+    :raises APIError: 400: not JSON, nested deeper than :data:`MAX_JSON_DEPTH`, or a
+        string that is not valid Unicode (the ``param`` names it).
+    """
+    try:
+        raw = _as_utf8(raw)
+        if nested_deeper_than(raw, MAX_JSON_DEPTH):
+            raise bad_request(f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
+                              code="json_too_deep")  # fmt: skip
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    path = _not_unicode(data)
+    if path is not None:
+        raise bad_request(f"the text of {path or 'the request body'} is not valid Unicode: it holds a lone "
+                          "surrogate (such as \\ud800 without its pair)", path or None, "invalid_string")  # fmt: skip
+    return data
 
 
 def parse_body(raw: bytes, model_class: type[_CompletionRequestBase]) -> Any:
@@ -180,10 +325,7 @@ def parse_body(raw: bytes, model_class: type[_CompletionRequestBase]) -> Any:
 
     :raises APIError: 400 naming the first invalid field.
     """
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    data = load_json(raw)
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
     try:
