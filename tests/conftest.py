@@ -18,3 +18,17 @@ gpu_num: 4
 @pytest.fixture
 def reference_config_text() -> str:
     return REFERENCE_CONFIG
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    """The transformers engine on the tiny Llama (CPU), shared by a serve test module's servers."""
+    pytest.importorskip("torch")
+    from vistune.config import RunConfig
+    from vistune.inference.transformers_engine import TransformersEngine
+    from vistune.plugins import get_plugin_manager
+
+    engine = TransformersEngine(str(tiny_llama), get_plugin_manager().registries.models.get("causal-lm"),
+                                RunConfig(task="serve", device="cpu", max_batch_size=8))  # fmt: skip
+    yield engine
+    engine.close()

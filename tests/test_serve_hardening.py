@@ -28,7 +28,6 @@ pytest.importorskip("uvicorn")
 
 from PIL import Image
 from vistune.config import RunConfig
-from vistune.inference.transformers_engine import TransformersEngine
 from vistune.serving import remote, schemas
 from vistune.serving.app import MAX_CHARS_PER_TOKEN, create_app
 from vistune.serving.errors import APIError
@@ -39,16 +38,6 @@ MODEL = "tiny"
 MESSAGES = [{"role": "user", "content": "Describe a red circle."}]
 #: Seconds a refusal may take; generous for a busy machine, far below what the refused work takes.
 QUICK_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    from vistune.plugins import get_plugin_manager
-
-    engine = TransformersEngine(str(tiny_llama), get_plugin_manager().registries.models.get("causal-lm"),
-                                RunConfig(task="serve", device="cpu", max_batch_size=4))  # fmt: skip
-    yield engine
-    engine.close()
 
 
 def start(engine, **config) -> ServerThread:

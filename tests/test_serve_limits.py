@@ -28,16 +28,6 @@ MODEL = "tiny"
 MESSAGES = [{"role": "user", "content": "Describe a red circle."}]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    from vistune.plugins import get_plugin_manager
-
-    engine = TransformersEngine(str(tiny_llama), get_plugin_manager().registries.models.get("causal-lm"),
-                                RunConfig(task="serve", device="cpu", max_batch_size=8))  # fmt: skip
-    yield engine
-    engine.close()
-
-
 def start(engine, **config) -> ServerThread:
     config = RunConfig(task="serve", device="cpu", **config)
     return ServerThread(create_app(engine, config, model_name=MODEL, owns_engine=False)).start()
