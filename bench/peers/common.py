@@ -78,6 +78,24 @@ def lora_config(args):
     return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS[args.targets], task_type="CAUSAL_LM")
 
 
+def training_kwargs(args) -> dict:
+    """The ``TrainingArguments`` (or TRL ``SFTConfig``) switches every peer script sets alike."""
+    return dict(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        bf16=not args.cpu,
+        use_cpu=args.cpu,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **speed_switches(args),
+    )
+
+
 def speed_switches(args) -> dict:
     """transformers' documented speed switches: torch.compile, Liger when installed, loader workers."""
     import importlib.util

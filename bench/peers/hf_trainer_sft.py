@@ -8,7 +8,7 @@ input ids with padding and image tokens masked.  Used by bench/sft_product.py.
 
 from __future__ import annotations
 
-from common import lora_config, load_model, parse_args, read_records, speed_switches, typed_messages
+from common import load_model, lora_config, parse_args, read_records, training_kwargs, typed_messages
 
 
 def main() -> None:
@@ -33,21 +33,7 @@ def main() -> None:
         batch["labels"] = labels
         return batch
 
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.batch,
-        num_train_epochs=1,
-        learning_rate=1e-4,
-        bf16=not args.cpu,
-        use_cpu=args.cpu,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        **speed_switches(args),
-    )
+    training_args = TrainingArguments(remove_unused_columns=False, **training_kwargs(args))
     Trainer(model=model, args=training_args, train_dataset=read_records(args.data), data_collator=collate).train()
 
 

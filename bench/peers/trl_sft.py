@@ -8,7 +8,7 @@ packing for vision datasets, so this script never packs.  Used by bench/sft_prod
 
 from __future__ import annotations
 
-from common import lora_config, load_model, parse_args, read_records, speed_switches, typed_messages
+from common import load_model, lora_config, parse_args, read_records, training_kwargs, typed_messages
 
 
 def main() -> None:
@@ -19,21 +19,7 @@ def main() -> None:
 
     records = [{"messages": typed_messages(r["messages"]), "images": r["images"]} for r in read_records(args.data)]
     dataset = Dataset.from_list(records).cast_column("images", Sequence(Image()))
-    config = SFTConfig(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.batch,
-        num_train_epochs=1,
-        max_length=args.max_length,
-        learning_rate=1e-4,
-        bf16=not args.cpu,
-        use_cpu=args.cpu,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        **speed_switches(args),
-    )
+    config = SFTConfig(max_length=args.max_length, **training_kwargs(args))
     trainer = SFTTrainer(
         model=load_model(args),
         args=config,

@@ -81,11 +81,11 @@ def _fetch(url: str, where: str) -> bytes:
         raise DataError(f"{where}: cannot fetch image {url}: {exc}") from exc
 
 
-def open_image(image: Any, *, where: str = "", roots: Sequence[Path] = (), allow_remote: bool = False) -> Any:
+def open_image(image: Any, *, where: str = "", allow_remote: bool = False) -> Any:
     """A loaded PIL image from what a record or a request names.
 
-    :param image: a PIL image; a path (absolute, or relative to one of ``roots``, tried in
-        order, else to the working directory); a ``file://`` URL; a ``data:image/...;base64,``
+    :param image: a PIL image; a path (relative to the working directory; a dataset's
+        records resolve theirs first, :meth:`RecordDataset.read`); a ``file://`` URL; a ``data:image/...;base64,``
         URI; an ``http(s)://`` URL (only with ``allow_remote``); or a ``datasets.Image``
         cell (``{"bytes": ..., "path": ...}``).
     :param where: names the record in errors (``file:line``).
@@ -120,15 +120,9 @@ def open_image(image: Any, *, where: str = "", roots: Sequence[Path] = (), allow
         return _decode_image(data, "the data-URI image", where)
     image = image.removeprefix("file://")
     path = Path(image).expanduser()
-    candidates = [path] if path.is_absolute() else [Path(root) / path for root in roots] or [path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return _decode_image(candidate.read_bytes(), str(candidate), where)
-    looked = ", ".join(str(c) for c in candidates)
-    raise DataError(
-        f"{where}: image {image!r} not found (looked for {looked})",
-        hint="image paths are relative to the dataset's image directory or to the records file",
-    )
+    if not path.is_file():
+        raise DataError(f"{where}: image {image!r} not found")
+    return _decode_image(path.read_bytes(), str(path), where)
 
 
 # -- record sources: raw records by index, and where each comes from ----------------
