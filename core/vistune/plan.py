@@ -15,13 +15,14 @@ from typing import Any
 import attrs
 
 from vistune import specs
-from vistune.config import FIELDS, LoadedConfig, RunConfig
+from vistune.config import FIELDS, LoadedConfig, RunConfig, Source
 from vistune.data.locate import DatasetLocation, locate_dataset
 from vistune.errors import VistuneError
 from vistune.hardware import visible_gpu_count
 from vistune.models import alias_locations, detect_model_type
 from vistune.outputs import unwritable_reason
 from vistune.plugins import PluginManager
+from vistune.provenance import adapter_base_type, recorded_template
 from vistune.quantization import QuantizationScheme, get_scheme
 
 
@@ -195,6 +196,58 @@ def _resolve_model(plan: Plan, pm: PluginManager) -> None:
         plan.problem("model_type", exc.message, exc.hint)
 
 
+def _resolve_template(plan: Plan, pm: PluginManager) -> None:
+    """The config's template, else the one the trained output records, else the model type's default.
+
+    A template recorded in ``vistune_run.json`` (of ``adapter_path``, else of the model
+    directory) becomes the run's ``template``, so that every engine encodes prompts as the
+    model was trained; a config that asks for another one gets a note saying so.
+    """
+    config = plan.config
+    adapter_dir = Path(config.adapter_path) if config.adapter_path and Path(config.adapter_path).is_dir() else None
+    try:
+        recorded = recorded_template([adapter_dir, plan.model_dir])
+    except VistuneError as exc:
+        plan.problem("model", exc.message, exc.hint)
+        recorded = None
+    if config.template:
+        if recorded and recorded.value != config.template:
+            plan.notes.append(f"{recorded.file} records that the model was trained with template {recorded.value!r}, "
+                              f"but {plan.loaded.where('template')} sets template {config.template!r}")  # fmt: skip
+        name = config.template
+    elif recorded:
+        # the engines read the template from the config: put the recorded one there, with where it came from
+        config.template = name = recorded.value
+        plan.loaded.sources["template"] = Source(file=str(recorded.file))
+    else:
+        name = plan.model_type.default_template if plan.model_type else None
+    if name:
+        plan.template = _lookup(plan, pm.registries.templates, "template", name)
+        if plan.template and recorded and name == recorded.value and plan.lines and plan.lines[-1][0] == "template":
+            plan.lines[-1] = ("template", f"{plan.lines[-1][1]} (recorded in {recorded.file})")
+
+
+def _check_adapter_base(plan: Plan, pm: PluginManager) -> None:
+    """A problem for an ``adapter_path`` trained on another model type than the run's model."""
+    if plan.model_type is None:
+        return
+    adapter_dir = Path(plan.config.adapter_path)
+    try:
+        base, how = adapter_base_type(adapter_dir, pm.registries)
+    except VistuneError as exc:
+        plan.problem("adapter_path", exc.message, exc.hint)
+        return
+    if base is None:
+        plan.notes.append(f"cannot tell which model type the adapter {adapter_dir} was trained on ({how}); "
+                          f"it is loaded onto a {plan.model_type.name} model")  # fmt: skip
+    elif base.value != plan.model_type.name:
+        plan.problem("adapter_path",
+                     f"{base.file}: the adapter was trained on a {base.value} model ({how}), but model is a "
+                     f"{plan.model_type.name} model, which it does not fit",
+                     hint=f"set model: to the {base.value} base model the adapter was trained on, or adapter_path: "
+                     f"to an adapter trained on {plan.model_type.name}")  # fmt: skip
+
+
 def _resolve_dataset(plan: Plan, pm: PluginManager, field: str, name: str | None, required: bool) -> DatasetLocation | None:
     if not name:
         if required:
@@ -340,9 +393,7 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
         plan.notes.append(f"plugin problem (other plugins still work): {error}")
     _resolve_model(plan, pm)
     if task in ("sft", "rl", "infer", "serve"):
-        template_name = config.template or (plan.model_type.default_template if plan.model_type else None)
-        if template_name:
-            plan.template = _lookup(plan, pm.registries.templates, "template", template_name)
+        _resolve_template(plan, pm)
     plan.quantization = get_scheme(config.quantization)  # the config allows only known schemes
     if plan.quantization:
         plan.lines.append(("quantization", f"{config.quantization}: {plan.quantization.description}"))
@@ -395,6 +446,8 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
                      hint="set adapter_path: to the adapter directory that `vistune sft` wrote")  # fmt: skip
     if config.adapter_path and not Path(config.adapter_path).is_dir():
         plan.problem("adapter_path", f"{config.adapter_path} is not a directory")
+    elif config.adapter_path:
+        _check_adapter_base(plan, pm)
     plan.lines.append(("output_dir", config.output_dir))
     _check_output(plan)
     _note_unused(plan)
