@@ -50,6 +50,7 @@ def llava(plugin_manager, register_plugin, monkeypatch, tmp_path):
                  "VISTUNE_DATA_DIR"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # online, the run would download it
     return plugin_manager.registries
 
 
@@ -92,7 +93,8 @@ def test_reference_config_dry_run_says_what_is_missing_and_how_to_fix_it(llava, 
     assert f"not ready: {5 if bitsandbytes_missing else 4} problem(s)" in out
     # the model: which Hugging Face repo to download and which key or variable names the local copy
     assert f"{reference_config}:1: model: 'llava-v1.5-7b' is the Hugging Face checkpoint {alias.hf_repo_id}" in out
-    assert f"huggingface-cli download {alias.hf_repo_id} --local-dir DIR) and set model_path: DIR" in out
+    assert "HF_HUB_OFFLINE is set, so nothing is downloaded" in out
+    assert f"`hf download {alias.hf_repo_id} --local-dir DIR` and set model_path: DIR" in out
     assert f"export {alias.env_var}=DIR" in out
     # the dataset: the same, with the layout the directory must have
     assert f"{reference_config}:3: dataset: dataset 'llava-instruct-en' is not on this machine" in out
@@ -174,11 +176,36 @@ def test_model_directory_is_detected_from_config_json(pm, tmp_path):
     assert plan.dataset.needs_build or plan.dataset.data_file.exists()
 
 
-def test_hub_repo_id_is_never_downloaded(pm, tmp_path):
+def test_hub_repo_id_offline_names_hf_download(pm, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     plan = plan_for(pm, tmp_path, "model: llava-hf/llava-1.5-7b-hf\n", "infer", "--dataset", "shapes-captions")
     (message,) = problems_by_field(plan)["model"]
-    assert "looks like a Hugging Face repo id; vistune never downloads at run time" in message
-    assert "huggingface-cli download llava-hf/llava-1.5-7b-hf --local-dir DIR" in message
+    assert "'llava-hf/llava-1.5-7b-hf' is a Hugging Face repo id, which is not on this machine" in message
+    assert "HF_HUB_OFFLINE is set" in message
+    assert "`hf download llava-hf/llava-1.5-7b-hf --local-dir DIR`" in message and "huggingface-cli" not in message
+    assert plan.model_download is None
+
+
+def test_hub_ids_online_are_downloaded_by_the_run_not_the_plan(llava, pm, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("the plan downloaded"))
+    plan = plan_for(pm, tmp_path, "model: llava-v1.5-7b\n", "infer", "--dataset", "shapes-captions")
+    assert plan.model_download == "llava-hf/llava-1.5-7b-hf" and plan.model_dir is None
+    assert "model" not in problems_by_field(plan)
+    assert plan.model_type.name == "llava" and plan.template.name == "llava-1.5"  # from the alias, before any download
+    assert any(k == "model" and "will download llava-hf/llava-1.5-7b-hf from the hub" in v for k, v in plan.lines)
+    # a repo id with no alias: its model type waits for its config.json
+    raw = plan_for(pm, tmp_path, "model: someone/some-vlm\n", "infer", "--dataset", "shapes-captions")
+    assert raw.model_download == "someone/some-vlm" and raw.model_type is None and raw.ready, raw.render()
+    # a copy in the Hugging Face cache is used as it is
+    snapshot = tmp_path / "empty-hf-cache" / "models--someone--some-vlm" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    cached = plan_for(pm, tmp_path, "model: someone/some-vlm\n", "infer", "--dataset", "shapes-captions")
+    assert cached.model_download is None and cached.model_dir == snapshot and cached.model_type.name == "causal-lm"
 
 
 def test_unknown_names_are_problems_with_suggestions(pm, tmp_path):

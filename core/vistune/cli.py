@@ -153,12 +153,33 @@ def cmd_task(args, overrides: list[str]) -> int:
         print(plan.render())
         return 0 if plan.ready else EXIT_USER_ERROR
     plan.raise_if_not_ready()
+    if plan.model_download:
+        plan = download_and_replan(plan, get_plugin_manager())
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
     from vistune.pipelines import run_pipeline
 
     run_pipeline(plan)
     return 0
+
+
+def download_and_replan(plan, pm):
+    """Download the plan's checkpoint from the Hub, then plan again from the local copy.
+
+    Runs before the pipeline, so a distributed run's workers (and every later command)
+    find the checkpoint in the cache; the new plan decides the model type and template
+    from its config.json as for any local checkpoint.
+    """
+    from vistune.model_hub import download_model
+    from vistune.plan import make_plan
+
+    directory = download_model(plan.model_download)
+    plan = make_plan(plan.loaded, pm)
+    if plan.model_download:  # the cache huggingface_hub wrote to is not the one vistune reads
+        raise VistuneError(f"{plan.config.model} was downloaded to {directory}, but the plan does not find it there",
+                           hint=f"set model_path: {directory}")  # fmt: skip
+    plan.raise_if_not_ready()
+    return plan
 
 
 def cmd_demo(args) -> int:

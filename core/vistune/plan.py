@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from vistune.config import FIELDS, LoadedConfig, RunConfig, Source
 from vistune.data.locate import DatasetLocation, locate_dataset
 from vistune.errors import VistuneError
 from vistune.hardware import visible_gpu_count
-from vistune.models import alias_locations, detect_model_type
+from vistune.model_hub import describe_download, download_blocker, looks_like_repo_id, manual_download_hint
+from vistune.models import alias_locations, detect_model_type, hf_cache_dir, hf_cache_snapshot
 from vistune.outputs import unwritable_reason
 from vistune.plugins import PluginManager
 from vistune.provenance import adapter_base_type, recorded_template
@@ -82,6 +84,8 @@ class Plan:
     rewards: list[RewardUse] = attrs.field(factory=list)
     backend: specs.Backend | None = None
     launch: Launch | None = None
+    #: Hub repo id of a checkpoint with no local copy, which the run downloads before it loads anything.
+    model_download: str | None = None
     lines: list[tuple[str, str]] = attrs.field(factory=list)
     notes: list[str] = attrs.field(factory=list)
     problems: list[Problem] = attrs.field(factory=list)
@@ -140,6 +144,28 @@ def _check_requirements(
                      hint=f"run on a machine with an NVIDIA GPU, or set {cpu_option} to run without one")  # fmt: skip
 
 
+def _plan_download(plan: Plan, repo_id: str, model_type: str | None, pm: PluginManager, tried: str,
+                   env_var: str | None = None) -> None:
+    """A checkpoint with no local copy: the run downloads it (the plan only says so), or a problem says why not."""
+    config = plan.config
+    blocker = download_blocker()
+    if blocker:
+        named = f"the Hugging Face checkpoint {repo_id}" if repo_id != config.model else "a Hugging Face repo id"
+        hint = manual_download_hint(repo_id) + (f" in the config, or export {env_var}=DIR" if env_var else "")
+        plan.problem("model", f"{config.model!r} is {named}, which is not on this machine ({tried}), and {blocker}",
+                     hint=hint)  # fmt: skip
+    else:
+        plan.model_download = repo_id
+        shown = config.model if repo_id == config.model else f"{config.model} -> {repo_id}"
+        plan.lines.append(("model", f"{shown}  ({describe_download(repo_id)})"))
+    if model_type in pm.registries.models:
+        plan.model_type = pm.registries.models.get(model_type)
+        how = "model_type in the config" if config.model_type else "the alias"
+        plan.lines.append(("model_type", f"{model_type}  ({how})"))
+    elif model_type is None and not blocker:
+        plan.lines.append(("model_type", "read from its config.json after the download"))
+
+
 def _resolve_model(plan: Plan, pm: PluginManager) -> None:
     config = plan.config
     if not config.model:
@@ -158,29 +184,41 @@ def _resolve_model(plan: Plan, pm: PluginManager) -> None:
         existing = [(how, d) for how, d in found if (d / "config.json").is_file()]
         if not existing:
             tried = "; ".join(f"{how}: {d} has no config.json" for how, d in found) or "nothing points at a local copy"
-            plan.problem(
-                "model",
-                f"{config.model!r} is the Hugging Face checkpoint {alias.hf_repo_id}, which is not on this machine ({tried})",
-                hint=f"download it (huggingface-cli download {alias.hf_repo_id} --local-dir DIR) and set model_path: DIR "
-                f"in the config, or export {alias.env_var}=DIR",
-            )
-            if explicit_type in pm.registries.models:
-                plan.model_type = pm.registries.models.get(explicit_type)
-                plan.lines.append(("model_type", f"{explicit_type}  (from the alias)"))
+            if config.model_path or os.environ.get(alias.env_var):  # the user named a copy, and it is not there
+                plan.problem(
+                    "model",
+                    f"{config.model!r} is the Hugging Face checkpoint {alias.hf_repo_id}, which is not on this machine ({tried})",
+                    hint=f"{manual_download_hint(alias.hf_repo_id)} in the config, or export {alias.env_var}=DIR",
+                )
+                if explicit_type in pm.registries.models:
+                    plan.model_type = pm.registries.models.get(explicit_type)
+                    plan.lines.append(("model_type", f"{explicit_type}  (from the alias)"))
+            else:
+                _plan_download(plan, alias.hf_repo_id, explicit_type, pm, tried, alias.env_var)
             return
         how, plan.model_dir = existing[0]
         plan.lines.append(("model", f"{config.model} -> {plan.model_dir}  ({how})"))
     elif path.is_dir():
         plan.model_dir = path
         plan.lines.append(("model", str(path)))
+    elif not path.exists() and looks_like_repo_id(config.model):
+        local = Path(config.model_path).expanduser() if config.model_path else None
+        cached = hf_cache_snapshot(config.model)
+        if local is not None and not (local / "config.json").is_file():
+            plan.problem("model_path", f"{local} has no config.json, so it is not a copy of {config.model}",
+                         hint=manual_download_hint(config.model))  # fmt: skip
+            return
+        if local is None and cached is None:
+            _plan_download(plan, config.model, explicit_type, pm, f"not in the Hugging Face cache ({hf_cache_dir()})")
+            return
+        plan.model_dir = local or cached
+        how = "model_path in the config" if local else f"Hugging Face cache ({hf_cache_dir()})"
+        plan.lines.append(("model", f"{config.model} -> {plan.model_dir}  ({how})"))
     else:
         hint = ("set model: to a registered alias (`vistune list models`) or to a local Hugging Face directory, "
                 "or install the plugin that registers the alias")  # fmt: skip
         if path.exists():
             message = f"{config.model} is a file, not a model directory"
-        elif config.model.count("/") == 1 and not config.model.startswith((".", "/")):
-            message = f"{config.model!r} looks like a Hugging Face repo id; vistune never downloads at run time"
-            hint = f"download it (huggingface-cli download {config.model} --local-dir DIR) and set model: DIR"
         else:
             close = pm.registries.checkpoints.unknown_message(config.model)
             message = f"{config.model!r} is neither a local directory nor a registered alias ({close})"
