@@ -160,8 +160,68 @@ def test_trace_mode_prints_hook_calls(monkeypatch, capsys):
     load(pm, reward_plugin("traced"), "traced")
     pm.hook.vistune_checkpoint_saved(path="/tmp/ckpt", step=3, config=None)
     err = capsys.readouterr().err
-    assert "vistune_register_rewards [traced]" in err
-    assert "vistune_checkpoint_saved" in err and "/tmp/ckpt" in err
+    # registration hooks are traced by pluggy like every other hook, with their arguments
+    assert "vistune_register_rewards [hook]\n      register: <register for plugin 'traced' (dist-traced)>\n" in err
+    assert "finish vistune_register_rewards --> [] [hook]" in err
+    assert "vistune_checkpoint_saved [hook]\n      path: /tmp/ckpt\n      step: 3\n" in err
+
+
+def ordered_plugin(name: str, calls: list[str], **marks):
+    """A plugin module that records when its registration hook runs; ``marks`` go to ``@hookimpl``."""
+    module = types.ModuleType(name)
+
+    @hookimpl(**marks)
+    def vistune_register_rewards(register):
+        calls.append(name)
+        register(Reward(name, factory="pkg.mod:make"))
+
+    module.vistune_register_rewards = vistune_register_rewards
+    return module
+
+
+def test_registration_hooks_are_ordered_by_pluggy(lenient):
+    """Loaded together (as entry points are), pluggy's order applies: tryfirst first, trylast last, else newest first."""
+    calls: list[str] = []
+    plugins = [ordered_plugin("early", calls, trylast=True), ordered_plugin("middle", calls),
+               ordered_plugin("first", calls, tryfirst=True), ordered_plugin("late", calls)]  # fmt: skip
+    added = [(plugin, lenient._register(plugin, plugin.__name__, "dist", "1")) for plugin in plugins]
+    lenient._call_registration_hooks(added)
+    assert calls == ["first", "late", "middle", "early"]
+    assert all(not info.errors and info.registered == {"rewards": [info.name]} for _, info in added)
+
+
+def test_a_hook_wrapper_wraps_each_plugin_s_registration(lenient):
+    seen: list[tuple[str, list[str]]] = []
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def vistune_register_rewards(self, register):
+            before = list(lenient.registries.rewards.names())
+            result = yield
+            seen.append((repr(register), sorted(set(lenient.registries.rewards.names()) - set(before))))
+            return result
+
+    load(lenient, Wrapper(), "wrapper")
+    load(lenient, reward_plugin("wrapped-a", "wrapped-b"), "wrapped")
+    assert seen == [("<register for plugin 'wrapped' (dist-wrapped)>", ["wrapped-a", "wrapped-b"])]
+
+
+def test_a_failing_hook_wrapper_is_named_and_the_plugin_s_own_error_too(lenient):
+    class BadWrapper:
+        @hookimpl(wrapper=True)
+        def vistune_register_rewards(self, register):
+            yield
+            raise RuntimeError("wrapper bug")
+
+    load(lenient, BadWrapper(), "bad-wrapper")
+    info = load(lenient, reward_plugin("kept-through-wrapper"), "inner")
+    assert lenient.infos["bad-wrapper"].errors == [
+        "plugin 'bad-wrapper' from distribution 'dist-bad-wrapper' raised in vistune_register_rewards (a hook "
+        "wrapper, while plugin 'inner' registered): RuntimeError: wrapper bug"]  # fmt: skip
+    assert not info.errors and "kept-through-wrapper" in lenient.registries.rewards
+    load(lenient, Raises(), "raises")
+    assert lenient.infos["raises"].errors == [
+        "plugin 'raises' from distribution 'dist-raises' raised in vistune_register_rewards: RuntimeError: boom"]
 
 
 def test_core_never_imports_a_plugin_package():

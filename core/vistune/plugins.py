@@ -33,7 +33,6 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -110,6 +109,7 @@ class PluginManager:
             # vistune's own plugin wins a tie on the entry-point name; the other one is reported
             return ep.name, not (ep.dist and normalize_name(ep.dist.name) == CORE_DISTRIBUTION)
 
+        added: list[tuple[Any, PluginInfo]] = []
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=order):
             dist = ep.dist.name if ep.dist else "(unknown)"
             version = ep.dist.version if ep.dist else ""
@@ -126,7 +126,11 @@ class PluginManager:
                 self._fail(info, f"is not loaded: distribution {first!r} already provides a plugin named {ep.name!r}",
                            hint="rename one of the entry points, or block one with VISTUNE_BLOCK_PLUGINS")  # fmt: skip
                 continue
-            self._load_entry_point(ep, dist, version)
+            loaded = self._load_entry_point(ep, dist, version)
+            if loaded:
+                added.append(loaded)
+        # every plugin is known to pluggy before any registers: tryfirst, trylast and hook wrappers then apply
+        self._call_registration_hooks(added)
         self.check_references()
 
     def check_references(self) -> None:
@@ -146,20 +150,28 @@ class PluginManager:
     def _fail_spec(self, plugin: str, what: str) -> None:
         self._fail(self.infos[plugin], what, hint="install the plugin that provides it, or fix the name")
 
-    def _load_entry_point(self, ep: importlib.metadata.EntryPoint, dist: str, version: str) -> None:
+    def _load_entry_point(self, ep: importlib.metadata.EntryPoint, dist: str, version: str) -> tuple[Any, PluginInfo] | None:
         try:
             plugin = ep.load()
         except Exception as exc:  # any import error must not take the others down
             info = PluginInfo(ep.name, dist, version, loaded=False)
             self.infos[ep.name] = info
             self._fail(info, f"failed to import ({ep.value})", exc)
-            return
-        self.add_plugin(plugin, name=ep.name, distribution=dist, version=version)
+            return None
+        info = self._register(plugin, name=ep.name, distribution=dist, version=version)
+        return (plugin, info) if info.loaded else None
 
     # -- registration --------------------------------------------------------
 
     def add_plugin(self, plugin: Any, name: str, distribution: str = "(local)", version: str = "") -> PluginInfo:
-        """Register one plugin object and run its registration hooks in isolation."""
+        """Register one plugin object and call its registration hooks, in isolation from the others."""
+        info = self._register(plugin, name, distribution, version)
+        if info.loaded:
+            self._call_registration_hooks([(plugin, info)])
+        return info
+
+    def _register(self, plugin: Any, name: str, distribution: str, version: str) -> PluginInfo:
+        """Register ``plugin`` with pluggy after checking its hook API and hook implementations."""
         info = PluginInfo(name, distribution, version)
         if name in self.infos:
             raise PluginError(f"a plugin named {name!r} is already loaded (from {self.infos[name].distribution!r})")
@@ -187,32 +199,51 @@ class PluginManager:
             if attr.startswith("vistune_") and attr not in info.hooks and callable(getattr(plugin, attr, None)):
                 self._fail(info, f"defines {attr}() without the @vistune.hookimpl decorator, so it is ignored",
                            hint="decorate it with @vistune.hookimpl")  # fmt: skip
-        for hook_name in REGISTRATION_HOOKS:
-            self._call_registration_hook(plugin, info, hook_name)
-        info.registered = self.registries.registered_by(name)
         return info
 
-    def _call_registration_hook(self, plugin: Any, info: PluginInfo, hook_name: str) -> None:
-        owner = Owner(info.name, info.distribution)
+    def _call_registration_hooks(self, added: list[tuple[Any, PluginInfo]]) -> None:
+        """Call every registration hook of the newly ``added`` plugins through pluggy.
 
-        def register(spec: Any) -> None:
-            try:
-                self.registries.add(hook_name, spec, owner)
-            except VistuneError as exc:
-                self._fail(info, f"could not register a spec in {hook_name}", exc)
+        Each plugin's implementation is called on its own, through a pluggy hook caller
+        that leaves out every other plugin's implementation (hook wrappers stay in): one
+        plugin's exception then stops only that plugin, and names it, while pluggy still
+        orders the calls (``tryfirst`` / ``trylast``, else the plugin registered last
+        first), runs the hook wrappers around each call, and traces each call with its
+        arguments (``VISTUNE_TRACE_HOOKS``).  ``register`` knows whose spec it receives.
+        """
+        infos = {id(plugin): info for plugin, info in added}
+        for hook_name in REGISTRATION_HOOKS:
+            impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+            plain = [impl for impl in impls if not (impl.wrapper or impl.hookwrapper)]
+            for impl in reversed(plain):  # the order pluggy calls them in
+                info = infos.get(id(impl.plugin))
+                if info is None:
+                    continue  # registered earlier: its specs are in the registries already
+                caller = self.pm.subset_hook_caller(hook_name, [other.plugin for other in plain if other is not impl])
+                try:
+                    caller(register=Register(self, hook_name, info))
+                except Exception as exc:
+                    if isinstance(exc, PluginError) and strict_mode():  # raised by _fail in register(): names the plugin
+                        raise
+                    culprit = self._culprit(exc, impls) or info
+                    self._fail(culprit, f"raised in {hook_name}" + ("" if culprit is info else
+                               f" (a hook wrapper, while plugin {info.name!r} registered)"), exc)  # fmt: skip
+        for _, info in added:
+            info.registered = self.registries.registered_by(info.name)
 
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            if impl.plugin is not plugin:
-                continue
-            if self.tracing:
-                sys.stderr.write(f"{hook_name} [{info.name}]\n")
-            kwargs: dict[str, Callable] = {"register": register}
-            try:
-                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-            except Exception as exc:
-                if isinstance(exc, PluginError) and strict_mode():  # raised by _fail in register(): names the plugin
-                    raise
-                self._fail(info, f"raised in {hook_name}", exc)
+    def _culprit(self, exc: BaseException, impls: list[Any]) -> PluginInfo | None:
+        """The plugin whose hook implementation raised ``exc``: the innermost of its frames in the traceback."""
+        codes = {}
+        for impl in impls:
+            code = getattr(getattr(impl.function, "__func__", impl.function), "__code__", None)
+            if code is not None and impl.plugin_name in self.infos:
+                codes[code] = self.infos[impl.plugin_name]
+        found = None
+        tb = exc.__traceback__
+        while tb is not None:
+            found = codes.get(tb.tb_frame.f_code, found)
+            tb = tb.tb_next
+        return found
 
     def remove_plugin(self, name: str) -> None:
         """Unregister a plugin and forget what it registered."""
@@ -232,6 +263,26 @@ class PluginManager:
 
     def errors(self) -> list[str]:
         return [error for info in self.infos.values() for error in info.errors]
+
+
+class Register:
+    """The ``register`` argument of a registration hook: adds specs to the registries in the plugin's name.
+
+    Its ``repr`` names the plugin, so that a traced hook call (``VISTUNE_TRACE_HOOKS``)
+    says whose registration it is.
+    """
+
+    def __init__(self, manager: PluginManager, hook_name: str, info: PluginInfo) -> None:
+        self.manager, self.hook_name, self.info = manager, hook_name, info
+
+    def __call__(self, spec: Any) -> None:
+        try:
+            self.manager.registries.add(self.hook_name, spec, Owner(self.info.name, self.info.distribution))
+        except VistuneError as exc:
+            self.manager._fail(self.info, f"could not register a spec in {self.hook_name}", exc)
+
+    def __repr__(self) -> str:
+        return f"<register for plugin {self.info.name!r} ({self.info.distribution})>"
 
 
 def hook_names() -> list[str]:
