@@ -185,7 +185,12 @@ class RunConfig:
     node_rank: int = option(0, "this node's rank among nnodes", type="int", tasks=_TRAIN)
     master_addr: str = option("127.0.0.1", "rendezvous host for multi-node runs", type="str", tasks=_TRAIN)
     master_port: int = option(29500, "rendezvous port", type="int", tasks=_TRAIN)
-    report_to: list[str] = option(["jsonl", "tensorboard"], "metric sinks: jsonl, tensorboard", type="str_list", tasks=_TRAIN)
+    report_to: list[str] = option(
+        ["jsonl", "tensorboard"],
+        "metric sinks: jsonl and tensorboard (written into output_dir), none, or transformers' integrations "
+        "(wandb, mlflow, comet_ml, clearml, trackio, neptune, dvclive, swanlab, ...)",
+        type="str_list", tasks=_TRAIN,
+    )
 
     # -- reinforcement learning ----------------------------------------------------
     algorithm: str = option("grpo", "grpo, dapo, gspo, rloo or a plugin's algorithm", type="str", tasks=("rl",))

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from vistune import specs
+from vistune import reporting, specs
 from vistune.config import FIELDS, LoadedConfig, RunConfig, Source
 from vistune.data.locate import DatasetLocation, locate_dataset
 from vistune.errors import VistuneError
@@ -388,6 +388,16 @@ def _resolve_launch(plan: Plan) -> None:
     plan.lines.append(("launch", f"{launch.method if launch.distributed else 'single process'} on {device}, {where}"))
 
 
+def _check_report_to(plan: Plan) -> None:
+    """Every metric sink known, and the package of each transformers integration installed."""
+    names = plan.config.report_to
+    for message, hint in reporting.problems(names):
+        plan.problem("report_to", message, hint)
+    integrations = reporting.trainer_integrations(names)
+    if integrations != reporting.NONE:
+        plan.lines.append(("report_to", f"{', '.join(names)}  ({', '.join(integrations)} through transformers' callbacks)"))
+
+
 def _written_dir(config: RunConfig) -> tuple[str, Path] | None:
     """``(field, directory)`` the task creates and writes into; None for a task that writes nothing."""
     if config.task in ("sft", "rl"):
@@ -460,6 +470,7 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
             plan.problem("packing", f"model type {plan.model_type.name} cannot isolate packed samples from each other",
                          hint="set packing: false for this model type")  # fmt: skip
         _resolve_launch(plan)
+        _check_report_to(plan)
     if task in ("sft", "rl", "infer"):
         plan.dataset = _resolve_dataset(plan, pm, "dataset", config.dataset, required=True)
         plan.eval_dataset = _resolve_dataset(plan, pm, "eval_dataset", config.eval_dataset, required=False)

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from vistune.errors import ConfigError
+from vistune.reporting import trainer_integrations
 
 
 def default_bf16(device: str) -> bool:
@@ -88,8 +89,9 @@ def dataloader_arguments(config: Any, device: str) -> dict[str, Any]:
 def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides: Any):
     """The Trainer's arguments for ``config``.
 
-    Checkpoint rotation and metrics sinks are vistune's own (atomic checkpoints,
-    :mod:`vistune.training.metrics`), so the Trainer's are switched off here.
+    Checkpoint rotation and the jsonl and TensorBoard sinks are vistune's own (atomic
+    checkpoints, :mod:`vistune.training.metrics`); the Trainer reports only to the
+    integrations ``report_to`` names besides them (wandb, mlflow, ...).
     """
     from transformers import TrainingArguments
 
@@ -120,7 +122,7 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides:
         data_seed=config.seed,
         remove_unused_columns=False,
         label_names=["labels"],
-        report_to="none",
+        report_to=trainer_integrations(config.report_to),  # jsonl and tensorboard are vistune's own
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         use_cpu=device == "cpu",

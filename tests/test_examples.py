@@ -1,0 +1,68 @@
+"""Every config in examples/ says what it does and how to run it, and plans as written.
+
+Each example's checkpoint is swapped for the tiny local model of the same family, its data
+for a small local dataset and its outputs for a temporary directory (as ``--key value``
+overrides, so every other key is checked as the file writes it); ``--dry-run`` must then
+report a ready plan.  GPUs are assumed present: the examples are written for GPU machines.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from vistune.cli import main
+
+ROOT = Path(__file__).parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+#: The tiny stand-in (a vistune.testing fixture) for each checkpoint the examples name.
+TINY = {"llava-hf/llava-1.5-7b-hf": "tiny_llava", "Qwen/Qwen2-VL-2B-Instruct": "tiny_qwen2_vl"}
+
+
+def header(path: Path) -> str:
+    return "".join(line[1:] for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+
+
+def test_examples_cover_each_task():
+    commands = {re.search(r"vistune (\w+) --config", header(path)).group(1) for path in EXAMPLES}
+    assert commands == {"sft", "rl", "infer", "serve", "export"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_has_a_header_and_plans_ready(path, request, tmp_path, monkeypatch, capsys):
+    text = header(path)
+    task = re.search(rf"vistune (\w+) --config examples/{re.escape(path.name)}", text).group(1)
+    assert f"vistune {task} --config examples/{path.name} --dry-run" in text
+    assert len(text.split("\n\n")[0].split()) >= 15, "the header says what the example does"
+    values = yaml.safe_load(path.read_text())
+    monkeypatch.chdir(ROOT)  # reward files are named relative to the repository root, as the commands run
+    monkeypatch.setattr("vistune.plan.visible_gpu_count", lambda: 8)
+    monkeypatch.setattr("vistune.reporting._installed", lambda module: True)  # wandb and friends: not needed here
+    from vistune.demo.shapes import write_split
+
+    data = write_split(tmp_path / "data", "train", count=2)
+    swaps = {"model": str(request.getfixturevalue(TINY[values["model"]])), "dataset": str(data),
+             "eval_dataset": str(data), "adapter_path": str(tmp_path / "adapter"), "output_dir": str(tmp_path / "out"),
+             "output_file": str(tmp_path / "out" / "predictions.jsonl"), "export_dir": str(tmp_path / "merged")}  # fmt: skip
+    (tmp_path / "adapter").mkdir()
+    overrides = [arg for key, value in swaps.items() if key in values for arg in (f"--{key}", value)]
+    code = main([task, "--config", str(path), *overrides, "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.rstrip().endswith("ready"), out
+
+
+def test_trl_style_reward_file_scores_as_trl_calls_it(monkeypatch):
+    from vistune.plan import RewardUse
+    from vistune.rl.rewards import call_reward, load_reward
+
+    monkeypatch.chdir(ROOT)
+    file = Path("examples/rewards.py")
+    reward_len = load_reward(RewardUse("examples/rewards.py:reward_len", 1.0, {}, file=file, attribute="reward_len"))
+    form = load_reward(RewardUse("examples/rewards.py:format_reward", 1.0, {}, file=file, attribute="format_reward"))
+    completions = ["A red circle.", " ".join(["word"] * 20)]
+    prompts = [[{"role": "user", "content": "<image>\nWhat is it?"}]] * 2
+    columns = {"answer": ["red circle", "blue square"], "completion_ids": [[1], [2]], "trainer_state": None}
+    assert call_reward(reward_len.function, prompts, completions, **columns) == [-17 / 20, 0.0]
+    assert call_reward(form.function, prompts, completions, **columns) == [1.0, 0.0]
