@@ -73,7 +73,7 @@ def test_task_help_lists_every_config_key_with_its_default(capsys):
         main(["sft", "--help"])
     out = capsys.readouterr().out
     assert "--dry-run" in out
-    assert "lora_target_modules: module names to adapt, or all-linear (default ['q_proj', 'v_proj'])" in out
+    assert "learning_rate: peak learning rate (default 0.0001)" in out
     assert "quantization [none|nf4|fp4|int8|q4_k_m|q8_0|awq|gptq|fp8]" in out
     assert "Factory(" not in out
 

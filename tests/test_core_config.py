@@ -18,7 +18,7 @@ def test_reference_config_is_accepted_as_written(tmp_path, reference_config_text
     config = loaded.config
     assert (config.model, config.task, config.dataset) == ("llava-v1.5-7b", "sft", "llava-instruct-en")
     assert (config.quantization, config.adapter, config.parallel_method, config.gpu_num) == ("q4_k_m", "lora", "ddp", 4)
-    assert config.lora_target_modules == ["q_proj", "v_proj"]
+    assert config.options["lora"]["target_modules"] == ["q_proj", "v_proj"]  # the flat key of the lora adapter
     assert loaded.where("gpu_num") == f"{tmp_path / 'run.yaml'}:8"
 
 
@@ -55,10 +55,11 @@ def test_unknown_flag_suggests_the_closest_key():
         ("packing: maybe", r"packing must be true or false"),
         ("learning_rate: fast", r"learning_rate must be a number"),
         ("lora_target_modules: {q: 1}", r"lora_target_modules must be a list of strings"),
+        ("lora: {dropout: 1.5}", r"lora.dropout must be at most 1, got 1.5"),
         ("quantization: q4km", r"quantization must be one of .*did you mean 'q4_k_m'\?"),
         ("parallel_method: deepspeed", r"parallel_method must be one of none, ddp, fsdp"),
         ("gpu_num: 0", r"gpu_num must be at least 1, got 0"),
-        ("lora_dropout: -0.1", r"lora_dropout must not be negative"),
+        ("lora_dropout: -0.1", r"lora_dropout must be at least 0, got -0.1"),
         ("seed: null", r"seed must be an integer \(null is not allowed here\)"),
     ],
 )
@@ -75,17 +76,18 @@ def test_overrides_parse_yaml_values_and_win_over_the_file(tmp_path):
                          task="sft")  # fmt: skip
     config = loaded.config
     assert config.learning_rate == pytest.approx(1e-4)
-    assert config.lora_target_modules == ["q_proj", "k_proj"]
+    assert config.options["lora"]["target_modules"] == ["q_proj", "k_proj"]
     assert config.packing is True
     assert config.gpu_num == 1
     assert loaded.where("learning_rate") == "command line --lr"
-    assert loaded.where("lora_target_modules") == "command line --lora_target_modules"
+    assert str(loaded.plugin_values.sources["lora_target_modules"]) == "command line --lora_target_modules"
 
 
 def test_parse_overrides_handles_bare_flags_negative_numbers_and_dashes():
     values, _ = parse_overrides(["--packing", "--max-steps", "-1", "--lora_target_modules=q_proj,v_proj", "--model", "m"])
     assert values == {"packing": True, "max_steps": -1, "lora_target_modules": "q_proj,v_proj", "model": "m"}
-    assert load_config(None, ["--lora_target_modules=q_proj,v_proj"]).config.lora_target_modules == ["q_proj", "v_proj"]
+    assert load_config(None, ["--lora_target_modules=q_proj,v_proj"]).config.options["lora"]["target_modules"] == [
+        "q_proj", "v_proj"]  # fmt: skip
 
 
 def test_stray_argument_is_an_error():
@@ -145,9 +147,9 @@ def test_rewards_normalise_and_reject_bad_entries(tmp_path):
 
 def test_list_and_dict_defaults_are_not_shared_between_configs():
     a, b = RunConfig(), RunConfig()
-    a.lora_target_modules.append("k_proj")
+    a.report_to.append("wandb")
     a.algorithm_options["x"] = 1
-    assert b.lora_target_modules == ["q_proj", "v_proj"]
+    assert b.report_to == ["jsonl", "tensorboard"]
     assert b.algorithm_options == {}
 
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 from vistune import hookimpl
+from vistune.adapters.options import LORA_OPTIONS
 from vistune.config import RunConfig
 from vistune.errors import DataError
 from vistune.plugins import PluginManager
@@ -417,8 +418,8 @@ def test_check_model_type_catches_broken_model_types(tiny_llava, templates_pm, o
 def lora_apply(model, model_type, config, language_model_only=True, train_projector=False):
     from peft import LoraConfig, get_peft_model
 
-    targets = "|".join(config.lora_target_modules)
-    target = rf".*language_model.*\.({targets})" if language_model_only else list(config.lora_target_modules)
+    targets = ["q_proj", "v_proj"]
+    target = rf".*language_model.*\.({'|'.join(targets)})" if language_model_only else targets
     save = list(model_type.projector) if train_projector else None
     return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=target, modules_to_save=save))
 
@@ -438,8 +439,9 @@ def full_apply(model, model_type, config, honour_freeze=True):
     [
         (lora_apply, RunConfig(), None),
         (functools.partial(lora_apply, language_model_only=False), RunConfig(),
-         r"lora_scope is language_model but \d+ trainable parameter\(s\) sit in the vision tower"),
-        (functools.partial(lora_apply, language_model_only=False), RunConfig(lora_scope="all"), None),
+         r"scope is language_model but \d+ trainable parameter\(s\) sit in the vision tower"),
+        # the adapter's own scope option (declared as LoRA's) allows the vision tower
+        (functools.partial(lora_apply, language_model_only=False), RunConfig(options={"toy": {"scope": "all"}}), None),
         (full_apply, RunConfig(freeze_projector=True), None),
         (functools.partial(full_apply, honour_freeze=False), RunConfig(),
          r"freeze_vision_tower is true but \d+ of its weights are trainable"),
@@ -451,7 +453,7 @@ def full_apply(model, model_type, config, honour_freeze=True):
 )  # fmt: skip
 def test_check_adapter(tiny_llava, apply, config, message):
     model, _ = load_tiny_llava(tiny_llava, None)
-    spec = Adapter("toy", apply=apply)
+    spec = Adapter("toy", apply=apply, options=LORA_OPTIONS)
     if message is None:
         trained = check_adapter(spec, model, llava_type(), config)
         assert any(p.requires_grad for p in trained.parameters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
-from vistune.config import RunConfig
+from vistune.config import RunConfig, build_config
 from vistune.specs import ModelType, load_ref
 from vistune.templates import Sample
 from vistune.testing import check_adapter, check_backend, check_dataset, check_model_type, check_template
@@ -106,4 +106,4 @@ def test_default_adapters_respect_vision_parts(adapter, options, plugin_manager,
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_llava)
     check_adapter(plugin_manager.registries.adapters.get(adapter), model, TINY_LLAVA_TYPE,
-                  RunConfig(task="sft", adapter=adapter, **options))  # fmt: skip
+                  build_config({"task": "sft", "adapter": adapter, **options}).config)  # fmt: skip

@@ -109,7 +109,8 @@ def test_reference_config_dry_run_says_what_is_missing_and_how_to_fix_it(llava, 
     # what did resolve
     model_type = llava.models.get(alias.model_type)
     assert f"template      {model_type.default_template}  [" in out
-    assert "lora          r=8 alpha=16 on [q_proj, v_proj] in language_model" in out
+    # the adapter's options, as its spec declares them (the flat lora_target_modules of the file included)
+    assert "lora          rank=8 alpha=16 dropout=0.05 target_modules=[q_proj, v_proj] scope=language_model" in out
 
 
 def test_local_model_and_dataset_directories_make_those_problems_disappear(llava, reference_config, tmp_path, capsys,

@@ -31,8 +31,10 @@ TASK_HELP = {
 }
 
 
-def _config_keys_help() -> str:
+def _config_keys_help(task: str) -> str:
     from vistune.config import FIELDS, default_value
+    from vistune.options import options_help
+    from vistune.plugins import get_plugin_manager
 
     lines = ["config keys (YAML, or --key value on the command line):"]
     for name, field in FIELDS.items():
@@ -40,7 +42,25 @@ def _config_keys_help() -> str:
         choices = f" [{'|'.join(map(str, meta['choices']))}]" if meta["choices"] else ""
         default = default_value(name)
         lines.append(f"  {name}{choices}: {meta['help']} (default {default if default is not None else '-'})")
-    return "\n".join(lines)
+    try:
+        plugin_lines = options_help(get_plugin_manager().registries, task)
+    except VistuneError as exc:  # a broken plugin in strict mode: the core keys are still worth showing
+        plugin_lines = f"plugin options: not listed ({exc.message})"
+    return "\n".join(lines) + ("\n\n" + plugin_lines if plugin_lines else "")
+
+
+class _TaskParser(argparse.ArgumentParser):
+    """A task's parser, whose epilog (every config key, and the plugins' options) is built only for --help.
+
+    The plugins' options need the plugins loaded, which every other use of the parser can skip.
+    """
+
+    task: str | None = None
+
+    def format_help(self) -> str:
+        if self.task and self.epilog is None:
+            self.epilog = _config_keys_help(self.task)
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`vistune demo` trains a tiny Llava on generated shapes, end to end, on CPU.",
     )
     parser.add_argument("--version", action="version", version=f"vistune {__version__} (hook API {HOOK_API_VERSION})")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_TaskParser)
 
     p = sub.add_parser("plugins", help="list loaded plugins and what they registered")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -59,15 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=LIST_KINDS)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    keys_help = _config_keys_help()
     for task, help_text in TASK_HELP.items():
         p = sub.add_parser(
             task,
             help=help_text,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=keys_help,
-            description=f"vistune {task}: {help_text}. Any config key can be given as --key value.",
+            description=f"vistune {task}: {help_text}. Any config key can be given as --key value, "
+            "a plugin's option as --plugin.option value.",
         )
+        p.task = task
         p.add_argument("--config", "-c", help="YAML config file")
         p.add_argument("--dry-run", action="store_true", help="validate and resolve everything, print the plan, load nothing")
 
@@ -153,6 +173,8 @@ def cmd_task(args, overrides: list[str]) -> int:
         print(plan.render())
         return 0 if plan.ready else EXIT_USER_ERROR
     plan.raise_if_not_ready()
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if plan.model_download:
         plan = download_and_replan(plan, get_plugin_manager())
     for note in plan.notes:

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from vistune.errors import ConfigError
+from vistune.options import Catalog, PluginValues, collect, default_catalog, merge_algorithm_options
 from vistune.quantization import SCHEMES
 
 TASKS = ("sft", "rl", "infer", "serve", "export")
@@ -83,8 +84,15 @@ class RunConfig:
     seed: int = option(42, "random seed", type="int")
 
     # -- data ----------------------------------------------------------------------
-    dataset: str | None = option(None, "dataset alias (llava-instruct-en) or a local JSON/JSONL file or directory", type="str")
+    dataset: str | None = option(
+        None, "dataset alias (llava-instruct-en), a local JSON/JSONL file or directory, or a Hugging Face dataset id "
+        "(org/name or org/name:split)", type="str",
+    )
     dataset_path: str | None = option(None, "local directory of the dataset that `dataset` names", type="path")
+    dataset_format: str | None = option(
+        None, "the record format of dataset and eval_dataset (messages, sharegpt, ms-swift, alpaca, llava-instruct or a "
+        "plugin's); default: detected record by record", type="str",
+    )
     eval_dataset: str | None = option(None, "held-out dataset (alias or path) for evaluation", type="str")
     max_samples: int | None = option(None, "use at most this many records", type="int")
     on_bad_record: str = option(
@@ -113,19 +121,6 @@ class RunConfig:
     # -- adapter -------------------------------------------------------------------
     adapter: str = option("lora", "lora, qlora, dora, galore, full, or a plugin's adapter", type="str", tasks=_TRAIN)
     adapter_path: str | None = option(None, "trained adapter directory to load (infer, serve, export, rl)", type="path")
-    lora_rank: int = option(8, "LoRA rank r", type="int", tasks=_TRAIN)
-    lora_alpha: int = option(16, "LoRA alpha", type="int", tasks=_TRAIN)
-    lora_dropout: float = option(0.05, "LoRA dropout", type="float", tasks=_TRAIN)
-    lora_target_modules: list[str] = option(
-        ["q_proj", "v_proj"], "module names to adapt, or all-linear", type="str_list", tasks=_TRAIN
-    )
-    lora_scope: str = option(
-        "language_model",
-        "where target modules are looked for: language_model, or all (vision tower and projector too)",
-        type="str",
-        choices=("language_model", "all"),
-        tasks=_TRAIN,
-    )
     freeze_vision_tower: bool = option(
         True,
         "keep the vision tower frozen; false trains it in full (under LoRA too, saved with the adapter)",
@@ -144,9 +139,6 @@ class RunConfig:
     )
     vision_tower_lr: float | None = option(None, "learning rate of the vision tower (default learning_rate)", type="float", tasks=_TRAIN)
     projector_lr: float | None = option(None, "learning rate of the projector (default learning_rate)", type="float", tasks=_TRAIN)
-    galore_rank: int = option(128, "GaLore projection rank", type="int", tasks=_TRAIN)
-    galore_update_proj_gap: int = option(200, "GaLore steps between projection updates", type="int", tasks=_TRAIN)
-    galore_scale: float = option(0.25, "GaLore gradient scale", type="float", tasks=_TRAIN)
 
     # -- training ------------------------------------------------------------------
     learning_rate: float = option(1e-4, "peak learning rate", type="float", tasks=_TRAIN)
@@ -194,7 +186,9 @@ class RunConfig:
 
     # -- reinforcement learning ----------------------------------------------------
     algorithm: str = option("grpo", "grpo, dapo, gspo, rloo or a plugin's algorithm", type="str", tasks=("rl",))
-    algorithm_options: dict = option({}, "extra options passed to the algorithm", type="dict", tasks=("rl",))
+    algorithm_options: dict = option(
+        {}, "options of the chosen algorithm (the same as its own section, e.g. grpo: {...})", type="dict", tasks=("rl",)
+    )
     rewards: list = option(
         [], "reward names, file.py:Name references, or {name, weight, options} mappings", type="rewards", tasks=("rl", "infer")
     )
@@ -230,8 +224,15 @@ class RunConfig:
     # -- export --------------------------------------------------------------------
     export_dir: str | None = option(None, "where the merged model goes (default output_dir/merged)", type="path", tasks=("export",))
 
+    # -- plugins' own options --------------------------------------------------------
+    #: ``{plugin: {option: value}}`` as the config set them (checked against the plugins' declared
+    #: options); plugins read theirs with :func:`vistune.options.option_values`.  Not a config key:
+    #: users write a section named after the plugin.
+    options: dict = attrs.field(factory=dict, metadata={"internal": True})
 
-FIELDS: dict[str, attrs.Attribute] = {a.name: a for a in attrs.fields(RunConfig)}
+
+#: The config keys (``options`` holds plugins' sections, which are not keys of their own).
+FIELDS: dict[str, attrs.Attribute] = {a.name: a for a in attrs.fields(RunConfig) if "help" in a.metadata}
 
 
 @attrs.frozen
@@ -257,6 +258,8 @@ class LoadedConfig:
     config: RunConfig
     sources: dict[str, Source]
     path: str | None = None
+    #: the plugin options the config set, and where (:class:`vistune.options.PluginValues`)
+    plugin_values: PluginValues = attrs.field(factory=PluginValues)
 
     def where(self, field: str) -> str:
         return str(self.sources.get(field, Source()))
@@ -370,6 +373,12 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Source]]:
         if key in sources:  # YAML would silently keep the last one
             raise ConfigError(f"{path}:{line}: key {_shown(key)} is set twice (first at line {sources[key].line})")
         sources[key] = Source(file=str(path), line=line)
+    for key_node, value_node in node.value:  # a plugin's section: the line of each of its keys too
+        if isinstance(value_node.value, list) and value_node.tag.endswith(":map"):
+            for inner_key, _ in value_node.value:
+                if isinstance(inner_key.value, str):
+                    label = f"{key_node.value}.{inner_key.value}"
+                    sources.setdefault(label, Source(file=str(path), line=inner_key.start_mark.line + 1))
     return data, sources
 
 
@@ -385,7 +394,9 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, Source]]
         if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"unexpected command-line argument {arg!r}; options look like --key value")
         key, eq, raw = arg[2:].partition("=")
-        key = key.replace("-", "_")
+        # --max-steps is max_steps; in --lora-plus.lr-ratio only the option's part is a key (plugin names keep '-')
+        section, dot, name = key.rpartition(".")
+        key = section + dot + name.replace("-", "_")
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 raw = args[i + 1]
@@ -441,14 +452,22 @@ def default_value(name: str) -> Any:
 def _convert(name: str, value: Any, where: str) -> Any:
     field = FIELDS[name]
     meta = field.metadata
-    kind = meta["type"]
+    nullable = field.default is None or "None" in str(field.type)
+    return convert_value(name, meta["type"], value, where, nullable=nullable, choices=meta["choices"])
+
+
+def convert_value(name: str, kind: str, value: Any, where: str, *, nullable: bool, choices: tuple | None) -> Any:
+    """Check and convert a value of type ``kind`` (``int``, ``str_list``...); errors name ``where`` and ``name``.
+
+    Core keys and plugin options (:class:`vistune.specs.Option`) are read alike.
+    """
 
     def bad(note: str = "") -> ConfigError:
         got = f"{_shown(value)} ({type(value).__name__})"
         return ConfigError(f"{where}: {name} must be {_TYPE_NAMES[kind]}{note}, got {got}")
 
     if value is None:
-        if field.default is None or "None" in str(field.type):
+        if nullable:
             return None
         raise bad(" (null is not allowed here)")
     if kind in ("str", "path"):
@@ -482,7 +501,6 @@ def _convert(name: str, value: Any, where: str) -> Any:
             raise bad()
     elif kind == "rewards":
         value = _convert_rewards(value, where)
-    choices = meta["choices"]
     if choices and value not in choices:
         text = str(value) if isinstance(value, (str, int, float)) else ""
         close = difflib.get_close_matches(text, [str(c) for c in choices], n=1) if len(text) < 100 else []
@@ -521,14 +539,14 @@ def _convert_rewards(value: Any, where: str) -> list[dict[str, Any]]:
 def _check_ranges(loaded: LoadedConfig) -> None:
     config = loaded.config
     positive = (
-        "lora_rank", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "max_packed_length",
+        "per_device_batch_size", "gradient_accumulation_steps", "max_length", "max_packed_length",
         "num_generations", "max_completion_length", "max_new_tokens", "gpu_num", "nnodes", "logging_steps",
         "save_steps", "max_batch_size", "max_queue", "tensor_parallel_size",
     )  # fmt: skip
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{loaded.where(name)}: {name} must be at least 1, got {getattr(config, name)}")
-    for name in ("learning_rate", "lora_dropout", "warmup_ratio", "weight_decay", "beta", "epsilon"):
+    for name in ("learning_rate", "warmup_ratio", "weight_decay", "beta", "epsilon"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{loaded.where(name)}: {name} must not be negative, got {getattr(config, name)}")
     if config.warmup_ratio >= 1:  # passed on as warmup_steps, which transformers reads as a step count from 1 up
@@ -548,40 +566,61 @@ def _check_ranges(loaded: LoadedConfig) -> None:
         raise ConfigError(f"{loaded.where('num_generations')}: group-relative RL needs num_generations >= 2")
 
 
-def unknown_key_error(key: str, where: str) -> ConfigError:
+def unknown_key_error(key: str, where: str, plugin_keys: list[str] = ()) -> ConfigError:
     text = str(key)
-    known = list(FIELDS) + list(KEY_ALIASES)
+    known = list(FIELDS) + list(KEY_ALIASES) + list(plugin_keys)
     close = difflib.get_close_matches(text, known, n=1, cutoff=0.6) if len(text) < 100 else []
     hint = f"did you mean {close[0]}?" if close else "`vistune sft --help` lists every key"
     return ConfigError(f"{where}: unknown key {_shown(key)} ({hint})")
 
 
+def _is_core_key(key: str) -> bool:
+    return KEY_ALIASES.get(key, key) in FIELDS
+
+
 def build_config(
-    values: Mapping[str, Any], sources: Mapping[str, Source] | None = None, path: str | None = None
+    values: Mapping[str, Any], sources: Mapping[str, Source] | None = None, path: str | None = None,
+    catalog: Catalog | None = None,
 ) -> LoadedConfig:
-    """Validate raw values (from YAML and flags) into a :class:`LoadedConfig`."""
+    """Validate raw values (from YAML and flags) into a :class:`LoadedConfig`.
+
+    Keys that are not core keys are plugin options (:mod:`vistune.options`): sections named
+    after a plugin, ``section.option`` keys and flat aliases, checked against what the
+    plugins in ``catalog`` (default: the installed ones) declare.
+    """
     sources = dict(sources or {})
     converted: dict[str, Any] = {}
     field_sources: dict[str, Source] = {}
     problems: list[ConfigError] = []  # every bad key at once, not one per attempt
+    if any(not _is_core_key(str(key)) for key in values) or values.get("algorithm_options"):
+        catalog = catalog if catalog is not None else default_catalog()
+    catalog = catalog if catalog is not None else Catalog()
+    plugin_values, consumed = collect(values, sources, Source(file=path), catalog, _is_core_key, problems)
     for key, value in values.items():
+        if key in consumed:
+            continue
         source = sources.get(key, Source(file=path))
         name = KEY_ALIASES.get(key, key)
         try:
             if name not in FIELDS:
-                raise unknown_key_error(key, str(source))
+                raise unknown_key_error(key, str(source), catalog.known_keys())
             if name in field_sources:  # under an alias and its own name: neither may silently win
                 raise ConfigError(f"{source}: {key} sets {name}, which {field_sources[name]} already sets")
             converted[name] = _convert(name, value, str(source))
         except ConfigError as exc:
             problems.append(exc)
         field_sources[name] = source
+    if isinstance(converted.get("algorithm_options"), dict):
+        algorithm = converted.get("algorithm", default_value("algorithm"))
+        merge_algorithm_options(plugin_values, catalog, algorithm, converted["algorithm_options"], sources,
+                                field_sources.get("algorithm_options", Source(file=path)), problems)  # fmt: skip
     if len(problems) == 1:
         raise problems[0]
     if problems:
         listed = "\n".join(f"  - {str(problem).replace(chr(10), chr(10) + '    ')}" for problem in problems)
         raise ConfigError(f"{len(problems)} problems in the config:\n{listed}")
-    loaded = LoadedConfig(RunConfig(**converted), field_sources, path)
+    config = RunConfig(**converted, options=plugin_values.values)
+    loaded = LoadedConfig(config, field_sources, path, plugin_values)
     _check_ranges(loaded)
     return loaded
 
@@ -598,6 +637,10 @@ def load_config(path: str | None, overrides: list[str] | None = None, task: str 
         canonical = KEY_ALIASES.get(key, key)
         for other in [k for k in values if KEY_ALIASES.get(k, k) == canonical]:
             del values[other]
+        section, dot, name = key.partition(".")
+        if dot and isinstance(values.get(section), dict) and name in values[section]:
+            # --lora.rank replaces the rank of the file's lora section
+            values[section] = {k: v for k, v in values[section].items() if k != name}
         values[key] = value
         sources[key] = flag_sources[key]
     if task is not None:

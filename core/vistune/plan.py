@@ -25,7 +25,9 @@ from vistune.models import alias_locations, detect_model_type, hf_cache_dir, hf_
 from vistune.outputs import unwritable_reason
 from vistune.plugins import PluginManager
 from vistune.provenance import adapter_base_type, recorded_template
-from vistune.quantization import QuantizationScheme, get_scheme
+from vistune.options import describe as describe_options
+from vistune.options import option_values, spec_option_values, unused_warnings
+from vistune.quantization import SCHEMES, QuantizationScheme, get_scheme
 
 
 @attrs.define
@@ -88,6 +90,8 @@ class Plan:
     model_download: str | None = None
     lines: list[tuple[str, str]] = attrs.field(factory=list)
     notes: list[str] = attrs.field(factory=list)
+    #: settings the run will ignore (a plugin's options where another plugin is chosen), with their file:line
+    warnings: list[str] = attrs.field(factory=list)
     problems: list[Problem] = attrs.field(factory=list)
 
     @property
@@ -106,6 +110,7 @@ class Plan:
         out = [f"vistune {self.config.task} plan" + (f" ({self.loaded.path})" if self.loaded.path else "")]
         out += [f"  {key.ljust(width)}  {value}" for key, value in self.lines]
         out += [f"  note: {note}" for note in self.notes]
+        out += [f"  warning: {warning}" for warning in self.warnings]
         if self.problems:
             out.append(f"not ready: {len(self.problems)} problem(s)")
             out += [f"  - {p}" for p in self.problems]
@@ -121,7 +126,7 @@ class Plan:
             )
 
 
-def _lookup(plan: Plan, registry, field: str, name: str):
+def _lookup(plan: Plan, registry, field: str, name: str, *, show_options: bool = True):
     try:
         spec = registry.get(name)
     except VistuneError as exc:
@@ -129,7 +134,27 @@ def _lookup(plan: Plan, registry, field: str, name: str):
         return None
     owner = registry.owner(name)
     plan.lines.append((field, f"{name}  [{owner.distribution}]"))
+    if show_options and getattr(spec, "options", ()):
+        plan.lines.append((name, describe_options(spec_option_values(plan.config, spec))))
     return spec
+
+
+def _check_adapter(plan: Plan, adapter: specs.Adapter) -> None:
+    """What the adapter's spec says it needs: quantization, one learning rate."""
+    config = plan.config
+    methods = adapter.quantization_methods
+    if methods and (plan.quantization is None or plan.quantization.method not in methods):
+        # found here rather than after the full-precision model has loaded
+        schemes = [name for name, scheme in SCHEMES.items() if scheme.method in methods]
+        plan.problem("adapter", f"adapter {adapter.name} needs a base model loaded with quantization "
+                     f"{' or '.join(schemes) or ' or '.join(methods)}, but quantization is {config.quantization}",
+                     hint=f"set quantization: {schemes[0] if schemes else methods[0]} next to adapter: {adapter.name}")  # fmt: skip
+    if not adapter.part_learning_rates:
+        for field in ("vision_tower_lr", "projector_lr"):
+            if getattr(config, field) not in (None, config.learning_rate):
+                # the adapter's optimizer (GaLore's, from transformers) builds its own parameter groups
+                plan.problem(field, f"adapter {adapter.name} trains with one learning rate, so {field} cannot differ",
+                             hint=f"remove {field}, or use an adapter with per-part learning rates (full)")  # fmt: skip
 
 
 def _check_requirements(
@@ -293,15 +318,33 @@ def _resolve_dataset(plan: Plan, pm: PluginManager, field: str, name: str | None
                          hint=f"set {field}: to a dataset alias (`vistune list datasets`) or a JSON/JSONL file")  # fmt: skip
         return None
     try:
-        location = locate_dataset(name, pm.registries.datasets, plan.config.dataset_path if field == "dataset" else None)
+        location = locate_dataset(name, pm.registries.datasets, plan.config.dataset_path if field == "dataset" else None,
+                                  pm.registries.formats)  # fmt: skip
     except VistuneError as exc:  # a name two distributions registered
         plan.problem(field, exc.message, exc.hint)
         return None
     if location.found:
-        plan.lines.append((field, f"{name} -> {location.data_file}  ({location.how})"))
+        fmt = plan.config.dataset_format or location.format
+        fmt = "detected per record" if fmt in (None, "records") else fmt
+        plan.lines.append((field, f"{name} -> {location.data_file}  ({location.how}; format: {fmt})"))
+        if location.spec is not None and location.spec.options:
+            plan.lines.append((location.spec.name, describe_options(spec_option_values(plan.config, location.spec))))
     else:
         plan.problem(field, location.how, location.hint)
     return location
+
+
+def _check_dataset_format(plan: Plan, pm: PluginManager) -> None:
+    """``dataset_format`` names a registered record format."""
+    name = plan.config.dataset_format
+    if not name:
+        return
+    formats = pm.registries.formats
+    if name not in formats:
+        plan.problem("dataset_format", formats.unknown_message(name), hint="`vistune list formats` shows them all")
+    elif formats.get(name).read is None:
+        plan.problem("dataset_format", f"{name!r} opens datasets but reads no records",
+                     hint="name a record format (`vistune list formats`), or leave dataset_format unset")  # fmt: skip
 
 
 def _top_level_names(tree: ast.Module) -> set[str] | None:
@@ -357,11 +400,33 @@ def _resolve_rewards(plan: Plan, pm: PluginManager, required: bool) -> None:
             use.file, use.attribute = file, attribute
             plan.lines.append(("rewards", f"{entry['name']} x {use.weight:g}  (local file)"))
         else:
-            use.spec = _lookup(plan, pm.registries.rewards, "rewards", entry["name"])
+            use.spec = _lookup(plan, pm.registries.rewards, "rewards", entry["name"], show_options=False)
             if use.spec is None:
                 continue
             plan.lines[-1] = ("rewards", plan.lines[-1][1] + f" x {use.weight:g}")
+            if use.spec.options:
+                use.options = _reward_options(plan, use.spec, entry["options"])
+                plan.lines.append((use.spec.name, describe_options(use.options)))
         plan.rewards.append(use)
+
+
+def _reward_options(plan: Plan, spec: specs.Reward, given: dict[str, Any]) -> dict[str, Any]:
+    """A declared reward's options: the entry's ``options`` over the reward's section over the defaults."""
+    from vistune.errors import ConfigError
+    from vistune.options import convert_option
+
+    values = option_values(plan.config, spec.name, spec.options)
+    declared = {option.name: option for option in spec.options}
+    for name, value in given.items():
+        option = declared.get(name)
+        if option is None:
+            plan.problem("rewards", f"reward {spec.name} has no option {name!r}; its options: {', '.join(declared)}")
+            continue
+        try:
+            values[name] = convert_option(option, value, f"{spec.name} option {name}", plan.loaded.where("rewards"))
+        except ConfigError as exc:
+            plan.problems.append(Problem("rewards", plan.loaded.where("rewards"), exc.message.split(": ", 1)[-1]))
+    return values
 
 
 def _resolve_launch(plan: Plan) -> None:
@@ -430,6 +495,11 @@ def _note_unused(plan: Plan) -> None:
     for name in plan.loaded.sources:
         if name != "task" and task not in FIELDS[name].metadata["tasks"]:
             plan.notes.append(f"{name} ({plan.loaded.where(name)}) is not used by `vistune {task}`")
+    used = {spec.name for spec in (plan.template, plan.adapter, plan.algorithm, plan.backend) if spec is not None}
+    used |= {use.spec.name for use in plan.rewards if use.spec is not None}
+    used |= {location.spec.name for location in (plan.dataset, plan.eval_dataset)
+             if location is not None and location.spec is not None}  # fmt: skip
+    plan.warnings += unused_warnings(plan.loaded, used)
 
 
 def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
@@ -452,20 +522,7 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
         if plan.adapter:
             _check_requirements(plan, "adapter", f"adapter {config.adapter}", plan.adapter.requires,
                                 plan.adapter.requires_cuda, "adapter: lora")  # fmt: skip
-            if plan.adapter.name == "qlora" and (plan.quantization is None or plan.quantization.method != "bnb-4bit"):
-                # found here rather than after the full-precision model has loaded
-                plan.problem("adapter", f"adapter qlora trains LoRA on a 4-bit base model, but quantization is "
-                             f"{config.quantization}",
-                             hint="set quantization: nf4 (or q4_k_m) next to adapter: qlora")  # fmt: skip
-            if plan.adapter.name in ("lora", "dora", "qlora"):
-                targets = ", ".join(config.lora_target_modules)
-                plan.lines.append(("lora", f"r={config.lora_rank} alpha={config.lora_alpha} on [{targets}] in {config.lora_scope}"))
-            if plan.adapter.name == "galore":
-                for field in ("vision_tower_lr", "projector_lr"):
-                    if getattr(config, field) not in (None, config.learning_rate):
-                        # transformers builds GaLore's optimizer from its own parameter groups
-                        plan.problem(field, f"adapter galore trains with one learning rate, so {field} cannot differ",
-                                     hint=f"remove {field}, or use adapter: full for per-part learning rates")  # fmt: skip
+            _check_adapter(plan, plan.adapter)
         if config.packing and plan.model_type and not plan.model_type.supports_packing:
             plan.problem("packing", f"model type {plan.model_type.name} cannot isolate packed samples from each other",
                          hint="set packing: false for this model type")  # fmt: skip
@@ -474,6 +531,7 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
     if task in ("sft", "rl", "infer"):
         plan.dataset = _resolve_dataset(plan, pm, "dataset", config.dataset, required=True)
         plan.eval_dataset = _resolve_dataset(plan, pm, "eval_dataset", config.eval_dataset, required=False)
+        _check_dataset_format(plan, pm)
     if task == "rl":
         plan.algorithm = _lookup(plan, pm.registries.algorithms, "algorithm", config.algorithm)
         if config.parallel_method == "fsdp":
@@ -483,9 +541,11 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
             # log-probabilities are divided by it, and greedy completions would leave no group any spread
             plan.problem("temperature", f"vistune rl samples, so temperature must be above 0, got {config.temperature}",
                          hint="leave temperature out (1.0) or set it above 0")  # fmt: skip
+    # an algorithm with its own pipeline (preference optimisation) learns from stored data: no rewards, no sampling
+    offline = plan.algorithm is not None and plan.algorithm.pipeline is not None
     if task in ("rl", "infer"):
-        _resolve_rewards(plan, pm, required=task == "rl")
-    if task in ("rl", "infer", "serve"):
+        _resolve_rewards(plan, pm, required=task == "rl" and not offline)
+    if task in ("rl", "infer", "serve") and not offline:
         plan.backend = _lookup(plan, pm.registries.backends, "backend", config.backend)
         if plan.backend:
             _check_requirements(plan, "backend", f"backend {config.backend}", plan.backend.requires,

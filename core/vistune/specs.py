@@ -75,6 +75,53 @@ def _names():
     return attrs.field(factory=tuple, converter=_tuple, validator=_check_str_tuple, kw_only=True)
 
 
+#: Value types an :class:`Option` may declare; the config reads them as it reads core keys of the same type.
+OPTION_TYPES = ("str", "path", "int", "float", "bool", "str_list", "dict")
+OPTION_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _check_option_name(instance, attribute, value):
+    if value is None and attribute.default is None:
+        return
+    if not isinstance(value, str) or not OPTION_NAME_PATTERN.match(value):
+        raise ValueError(f"Option.{attribute.name} must be a lower-case identifier (letters, digits, '_'), got {value!r}")
+
+
+@attrs.frozen
+class Option:
+    """One setting a plugin declares: users set it in the YAML section named after the plugin.
+
+    ``lora: {rank: 16}`` (or ``--lora.rank 16``) sets the option ``rank`` of the plugin
+    named ``lora``.  The config checks the value against ``type``, ``choices`` and the
+    bounds before anything loads, with the file and line of the key;
+    :func:`vistune.options.option_values` gives the plugin its values over the defaults.
+    ``alias`` is a flat config key that sets the option too (``lora_rank``), kept for
+    configs written before the option moved into its plugin.
+    """
+
+    name: str = attrs.field(validator=_check_option_name)
+    type: str = attrs.field(validator=attrs.validators.in_(OPTION_TYPES))
+    default: Any = attrs.field()
+    help: str = attrs.field(validator=attrs.validators.instance_of(str))
+    choices: tuple[Any, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple), kw_only=True)
+    minimum: float | None = attrs.field(default=None, kw_only=True)
+    maximum: float | None = attrs.field(default=None, kw_only=True)
+    alias: str | None = attrs.field(default=None, validator=_check_option_name, kw_only=True)
+
+
+def _check_options(instance, attribute, value):
+    names = [getattr(option, "name", None) for option in value]
+    if not all(isinstance(option, Option) for option in value):
+        raise ValueError(f"{type(instance).__name__}.options must hold vistune.specs.Option instances (got {value!r})")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{type(instance).__name__}.options declares {', '.join(repeated)} more than once")
+
+
+def _options():
+    return attrs.field(factory=tuple, converter=tuple, validator=_check_options, kw_only=True)
+
+
 @attrs.frozen
 class ModelType:
     """A family of checkpoints that load and train the same way (``llava``, ``qwen2-vl``...).
@@ -108,9 +155,10 @@ class ModelType:
 class ModelAlias:
     """A short name for a well-known checkpoint (``llava-v1.5-7b``).
 
-    No hub download happens at run time: the alias names the Hugging Face repo to
-    fetch and the environment variable (or ``model_path`` key) that points at the
-    local copy.  The Hugging Face cache is searched too.
+    The alias names the Hugging Face repo it comes from and the environment variable
+    (or ``model_path`` key) that points at a local copy.  The Hugging Face cache is
+    searched too; with no local copy, the run downloads the repo into that cache
+    (:mod:`vistune.model_hub`) before it loads anything.
     """
 
     name: str = _name
@@ -134,6 +182,8 @@ class Template:
 
     name: str = _name
     factory: Ref = attrs.field(validator=_check_ref)
+    #: Settings of the template, read from the YAML section named after it.
+    options: tuple[Option, ...] = _options()
     description: str = _description
 
 
@@ -143,6 +193,11 @@ class Adapter:
 
     ``apply(model, model_type, config)`` returns the trainable model; ``merge(model)``
     (optional) returns a plain model with the adapter folded in, for export.
+
+    The other fields tell the pipelines what the adapter is, instead of them knowing
+    adapters by name: whether its weights are a peft adapter (an SFT adapter is trained
+    further under it, and a KL term's reference model is the policy with the adapter
+    disabled), which quantization it needs, and what it changes in the Trainer.
     """
 
     name: str = _name
@@ -151,6 +206,19 @@ class Adapter:
     #: Python modules that must be importable (checked without importing them).
     requires: tuple[str, ...] = _names()
     requires_cuda: bool = attrs.field(default=False, kw_only=True)
+    #: ``apply`` returns a peft model whose adapter can be disabled (``disable_adapter()``) and saved alone.
+    peft_adapter: bool = attrs.field(default=False, kw_only=True)
+    #: Quantization methods (:attr:`vistune.quantization.QuantizationScheme.method`, e.g. ``bnb-4bit``)
+    #: the base model must be loaded with; empty: any, including none.
+    quantization_methods: tuple[str, ...] = _names()
+    #: ``trainer_overrides(config, model_type) -> dict`` of ``TrainingArguments`` keywords
+    #: the adapter needs (GaLore's ``optim``), merged over vistune's own.
+    trainer_overrides: Ref | None = attrs.field(default=None, validator=_check_ref, kw_only=True)
+    #: ``vision_tower_lr`` and ``projector_lr`` can apply; false when the adapter's optimizer
+    #: builds its own parameter groups (GaLore).
+    part_learning_rates: bool = attrs.field(default=True, kw_only=True)
+    #: Settings of the adapter, read from the YAML section named after it.
+    options: tuple[Option, ...] = _options()
     description: str = _description
 
 
@@ -161,11 +229,19 @@ class Algorithm:
     ``factory(config)`` returns an object implementing
     :class:`vistune.rl.algorithm.RLAlgorithm`.  ``defaults`` are config values the
     algorithm implies (for example DAPO's ``epsilon_high``); the user's config wins.
+
+    An algorithm that does not learn from rollouts (DPO learns from stored preference
+    pairs) names a ``pipeline``: ``pipeline(plan)`` then runs ``vistune rl`` for it in
+    place of the online loop, and ``factory(config)`` returns whatever that pipeline
+    trains with.  Such a run needs no rewards and no generation backend.
     """
 
     name: str = _name
     factory: Ref = attrs.field(validator=_check_ref)
     defaults: Mapping[str, Any] = attrs.field(factory=dict, converter=dict, kw_only=True)
+    pipeline: Ref | None = attrs.field(default=None, validator=_check_ref, kw_only=True)
+    #: Settings of the algorithm: the YAML section named after it, or ``algorithm_options``.
+    options: tuple[Option, ...] = _options()
     description: str = _description
 
 
@@ -177,11 +253,15 @@ class Reward:
     ``reward(prompts, completions, **columns) -> list[float | None]`` (or a coroutine
     function returning that list).  ``None`` means "does not apply to this sample".
     Rewards are called by keyword, TRL-style (``reward(completions, solution, **kwargs)``
-    works too); :mod:`vistune.rl.rewards` lists the arguments.
+    works too); :mod:`vistune.rl.rewards` lists the arguments.  Declared ``options`` are
+    passed to ``factory`` with their defaults filled in; each ``rewards:`` entry's
+    ``options`` override the section named after the reward.
     """
 
     name: str = _name
     factory: Ref = attrs.field(validator=_check_ref)
+    #: Settings of the reward (keyword arguments of ``factory``).
+    options: tuple[Option, ...] = _options()
     description: str = _description
 
 
@@ -199,6 +279,8 @@ class Backend:
     requires_cuda: bool = attrs.field(default=False, kw_only=True)
     #: The engine splits one model over ``tensor_parallel_size`` GPUs itself.
     tensor_parallel: bool = attrs.field(default=False, kw_only=True)
+    #: Settings of the engine, read from the YAML section named after the backend.
+    options: tuple[Option, ...] = _options()
     description: str = _description
 
 
@@ -206,7 +288,8 @@ class Backend:
 class Dataset:
     """A named dataset and where it lives locally.
 
-    ``format`` is one of :data:`vistune.data.readers.FORMATS`.  The local copy is found
+    ``format`` names a registered :class:`DataFormat` (``messages``, ``llava-instruct``,
+    ``hf-disk``...).  The local copy is found
     through ``dataset_path`` in the config, the environment variable
     ``VISTUNE_DATASET_<NAME>``, or built on demand by ``builder(directory, spec)`` for
     datasets generated locally (``directory`` may not exist yet; ``spec`` is this
@@ -216,13 +299,60 @@ class Dataset:
     """
 
     name: str = _name
-    format: str = attrs.field(validator=attrs.validators.in_(("messages", "llava-instruct", "hf-disk")))
+    format: str = attrs.field(validator=_check_name)
     data_file: str = attrs.field(default="", kw_only=True)
     image_dir: str = attrs.field(default="", kw_only=True)
     hf_repo_id: str = attrs.field(default="", kw_only=True)
     builder: Ref | None = attrs.field(default=None, validator=_check_ref, kw_only=True)
+    #: Settings of the dataset, read from the YAML section named after it.
+    options: tuple[Option, ...] = _options()
     description: str = _description
 
     @property
     def env_var(self) -> str:
         return env_var_for("DATASET", self.name)
+
+
+def _check_data_format(instance, attribute, value):
+    if instance.read is None and instance.open_source is None:
+        raise ValueError(f"DataFormat {instance.name!r} needs read (a record format) or open_source (a source format)")
+    if instance.detect is not None and instance.read is None:
+        raise ValueError(f"DataFormat {instance.name!r}: detect needs read, to read the records it detects")
+    if instance.detect_source is not None and instance.open_source is None:
+        raise ValueError(f"DataFormat {instance.name!r}: detect_source needs open_source, to open what it detects")
+
+
+@attrs.frozen
+class DataFormat:
+    """How dataset records are written (``messages``, ShareGPT, Alpaca...), or where they come from.
+
+    A *record format* has ``read(record, where)``: one record (a dict) as a
+    :class:`vistune.templates.Sample` whose messages hold one ``<image>`` tag per image,
+    whose ``images`` are references in tag order (paths, URLs, ``{"bytes", "path"}``
+    mappings; nothing opened), and whose ``columns`` keep the record's other fields
+    (rewards get them by name).  ``where`` (``file:line``) starts every
+    :class:`vistune.errors.DataError` it raises.  ``detect(record) -> bool`` lets the
+    reader pick the format of a record whose dataset declares none: exactly one format
+    must claim it.
+
+    A *source format* has ``open_source(location)``: a record source (see
+    :mod:`vistune.data.sources`) for a dataset that is not a JSON/JSONL file, such as a
+    ``datasets`` directory or a hub id; ``detect_source(location) -> bool`` claims the
+    ``dataset:`` values it opens.  Its records are then read by the declared record
+    format, or detected one by one.
+    """
+
+    name: str = _name
+    read: Ref | None = attrs.field(default=None, validator=_check_ref, kw_only=True)
+    detect: Ref | None = attrs.field(default=None, validator=_check_ref, kw_only=True)
+    open_source: Ref | None = attrs.field(default=None, validator=_check_ref, kw_only=True)
+    detect_source: Ref | None = attrs.field(default=None, validator=_check_ref, kw_only=True)
+    #: The fields that mark a record of this format, named when no format claims a record.
+    fields: tuple[str, ...] = _names()
+    #: One record as the format's own documentation writes it (checked by ``check_data_format``).
+    example: Mapping[str, Any] | None = attrs.field(default=None, kw_only=True, validator=_check_data_format)
+    description: str = _description
+
+    @property
+    def is_source(self) -> bool:
+        return self.open_source is not None

@@ -2,9 +2,10 @@
 
 The model trains like full fine-tuning (same freeze options); the saving is in the
 optimizer state, which transformers' ``galore_adamw`` optimizer (from the
-``galore-torch`` package) keeps in a rank-``galore_rank`` subspace for the linear
-layers of the trained parts.  The Trainer must be told: the SFT pipeline merges
-:func:`trainer_overrides` into its ``TrainingArguments``.
+``galore-torch`` package) keeps in a rank-``rank`` subspace (``galore: {rank: 128}``)
+for the linear layers of the trained parts.  The Trainer must be told: the adapter's
+spec names :func:`trainer_overrides`, which the pipelines merge into their
+``TrainingArguments``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from typing import Any
 
 from vistune.adapters.full import set_trainable_parts
+from vistune.adapters.options import galore_options
 from vistune.adapters.targets import OUTPUT_LAYERS, PARTS, frozen_parts
 from vistune.errors import VistuneError
 
@@ -60,11 +62,11 @@ def trainer_overrides(config: Any, model_type: Any) -> dict[str, Any]:
     """``TrainingArguments`` keywords that make the Trainer build the GaLore optimizer.
 
     :returns: ``optim``, ``optim_target_modules`` and ``optim_args`` (rank, projection
-        update gap and scale from ``galore_rank``, ``galore_update_proj_gap``, ``galore_scale``).
+        update gap and scale from the adapter's options ``rank``, ``update_proj_gap``, ``scale``).
     """
+    options = galore_options(config)
     return {
         "optim": OPTIMIZER,
         "optim_target_modules": target_modules_regex(config, model_type),
-        "optim_args": f"rank={config.galore_rank},update_proj_gap={config.galore_update_proj_gap},"
-        f"scale={config.galore_scale}",
+        "optim_args": f"rank={options['rank']},update_proj_gap={options['update_proj_gap']},scale={options['scale']}",
     }

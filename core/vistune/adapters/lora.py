@@ -1,7 +1,8 @@
 """LoRA, DoRA and QLoRA through peft, and merging an adapter back into its base model.
 
-What trains under LoRA: only the low-rank weights, on ``lora_target_modules`` inside
-the language model (``lora_scope: all`` extends the search to the vision tower and
+What trains under LoRA: only the low-rank weights, on the adapter's ``target_modules``
+(``lora: {target_modules: [...]}``, or the flat ``lora_target_modules``) inside the
+language model (``scope: all`` extends the search to the vision tower and
 projector).  A part whose ``freeze_*`` option is explicitly ``false``
 (``freeze_projector: false``, ``freeze_vision_tower: false``) is trained in full as
 well, through peft's ``modules_to_save``: its trained copy is saved inside the adapter
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vistune.adapters.options import lora_options
 from vistune.adapters.targets import lora_target_names, parts_trained_in_full, target_regex
 from vistune.errors import ConfigError, VistuneError
 
@@ -24,10 +26,11 @@ def lora_config(model: Any, model_type: Any, config: Any, *, use_dora: bool = Fa
     names = lora_target_names(model, model_type, config)
     full_parts = parts_trained_in_full(config)
     modules_to_save = [prefix for part in full_parts for prefix in getattr(model_type, part)] or None
+    options = lora_options(config)
     return LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
+        r=options["rank"],
+        lora_alpha=options["alpha"],
+        lora_dropout=options["dropout"],
         target_modules=target_regex(names, (name for name, _ in model.named_modules())),
         modules_to_save=modules_to_save,
         use_dora=use_dora,

@@ -3,9 +3,9 @@
 A model type names the module prefixes of its vision tower, projector and language
 model (``model.vision_tower``, ``model.multi_modal_projector``, ``model.language_model``
 and ``lm_head`` for Llava).  LoRA targets are looked for only inside the parts that
-``lora_scope`` allows, so ``lora_target_modules: [q_proj, v_proj]`` adapts the language
-model's attention, not the CLIP tower's own ``q_proj``/``v_proj``, unless
-``lora_scope: all`` says so.
+the adapter's ``scope`` option allows, so ``lora: {target_modules: [q_proj, v_proj]}``
+adapts the language model's attention, not the CLIP tower's own ``q_proj``/``v_proj``,
+unless ``scope: all`` says so.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ def lora_scope_parts(config: Any) -> tuple[str, ...]:
     A part trained in full (:func:`parts_trained_in_full`) is left out: peft cannot put
     an adapter on a module it also saves whole.
     """
-    parts = PARTS if config.lora_scope == "all" else ("language_model",)
+    from vistune.adapters.options import lora_options
+
+    parts = PARTS if lora_options(config)["scope"] == "all" else ("language_model",)
     full = parts_trained_in_full(config)
     return tuple(p for p in parts if p not in full)
 
@@ -111,17 +113,21 @@ def frozen_parts(config: Any) -> tuple[str, ...]:
 def lora_target_names(model: Any, model_type: Any, config: Any) -> list[str]:
     """Full names of the modules LoRA adapts, in model order.
 
-    ``lora_target_modules`` is ``["all-linear"]`` (every linear layer in scope but the
-    output layer) or module names matched the way peft matches them (``q_proj`` matches
+    The adapter's ``target_modules`` option (flat key ``lora_target_modules``) is
+    ``["all-linear"]`` (every linear layer in scope but the output layer) or module names matched the way peft matches them (``q_proj`` matches
     ``...self_attn.q_proj``).  A name that matches nothing in scope is an error naming it.
     """
-    requested = list(config.lora_target_modules)
+    from vistune.adapters.options import lora_options
+
+    options = lora_options(config)
+    requested = list(options["target_modules"])
+    label = f"{config.adapter}.target_modules"
     if not requested:
-        raise ConfigError("lora_target_modules is empty", hint="name modules (e.g. [q_proj, v_proj]) or use all-linear")
+        raise ConfigError(f"{label} is empty", hint="name modules (e.g. [q_proj, v_proj]) or use all-linear")
     all_linear = any(t.replace("_", "-") == "all-linear" for t in requested)
     if all_linear and len(requested) > 1:
         raise ConfigError(
-            f"lora_target_modules mixes all-linear with module names ({requested})",
+            f"{label} mixes all-linear with module names ({requested})",
             hint="use either [all-linear] or a list of module names",
         )
     parts = lora_scope_parts(config)
@@ -138,7 +144,7 @@ def lora_target_names(model: Any, model_type: Any, config: Any) -> list[str]:
             if isinstance(module, linear) and name.rsplit(".", 1)[-1] not in OUTPUT_LAYERS
         ]
         if not chosen:
-            raise ConfigError(f"lora_target_modules: all-linear found no linear layer in {', '.join(parts)}")
+            raise ConfigError(f"{label}: all-linear found no linear layer in {', '.join(parts)}")
         return chosen
     chosen, unmatched = [], []
     for target in requested:
@@ -149,8 +155,8 @@ def lora_target_names(model: Any, model_type: Any, config: Any) -> list[str]:
     if unmatched:
         leaves = sorted({name.rsplit(".", 1)[-1] for name, module in in_scope if isinstance(module, linear)})
         raise ConfigError(
-            f"lora_target_modules: {', '.join(map(repr, unmatched))} matches no module in the "
-            f"{' / '.join(parts)} of this {model_type.name} model (lora_scope: {config.lora_scope})",
+            f"{label}: {', '.join(map(repr, unmatched))} matches no module in the "
+            f"{' / '.join(parts)} of this {model_type.name} model (scope: {options['scope']})",
             hint=f"linear layers there: {', '.join(leaves) or 'none'}; or use all-linear",
         )
     order = {name: i for i, (name, _) in enumerate(in_scope)}

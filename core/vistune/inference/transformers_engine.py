@@ -149,7 +149,9 @@ class TransformersEngine:
             self._default_adapter = "default"
 
     @classmethod
-    def from_model(cls, model: Any, processor: Any, encoder: Any, *, max_batch_size: int = 8) -> TransformersEngine:
+    def from_model(
+        cls, model: Any, processor: Any, encoder: Any, *, max_batch_size: int = 8, config: Any = None
+    ) -> TransformersEngine:
         """An engine over an already loaded model (an RL policy, a test model).
 
         The engine runs the model as it is: put it in eval mode first (dropout, and
@@ -158,6 +160,8 @@ class TransformersEngine:
         leaves the model alone.
 
         :param encoder: the template's :class:`vistune.templates.Encoder` for ``processor``.
+        :param config: the run's config, which every backend's ``from_model`` is given; this
+            engine runs the policy as it is and needs nothing from it.
         """
         engine = cls.__new__(cls)
         engine._setup(model, processor, encoder, max_batch_size=max_batch_size)

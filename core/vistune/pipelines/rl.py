@@ -2,15 +2,16 @@
 
 The policy starts from the plan's model: a checkpoint, or what ``vistune sft`` wrote.
 An SFT adapter directory (``adapter_config.json`` next to ``vistune_run.json``, or
-``adapter_path``) is loaded onto its base model and, under a LoRA-family adapter,
-trained further, so the result is again one adapter on the original base model; under
-``adapter: full`` it is merged first.  Otherwise the configured adapter is applied as in
+``adapter_path``) is loaded onto its base model and, under an adapter whose spec says
+``peft_adapter`` (LoRA, DoRA, QLoRA, or a plugin's), trained further, so the result is
+again one adapter on the original base model; under any other adapter it is merged first.  Otherwise the configured adapter is applied as in
 ``sft``.  The reference model of a KL term is the starting policy: the base with the
 adapter disabled, a frozen copy of the SFT adapter, or (full fine-tuning) a second,
 frozen copy of the model.
 
 Algorithm ``defaults`` (DAPO's ``epsilon_high: 0.28``) apply to every key the user's
-config does not set.  The run writes ``metrics.jsonl`` and TensorBoard logs (rewards
+config does not set.  An algorithm whose spec names a ``pipeline`` (preference
+optimisation on stored pairs) is handed the plan, defaults applied, and runs itself.  The run writes ``metrics.jsonl`` and TensorBoard logs (rewards
 per function, KL, clip fractions, completion lengths, filtered groups), checkpoints,
 and at the end the adapter or model, the processor, ``vistune_run.json`` and
 ``reward_curve.png`` into ``output_dir``.
@@ -32,8 +33,6 @@ from vistune.plan import Plan
 from vistune.training import checkpoints
 from vistune.training.arguments import check_liger
 
-#: Adapters whose weights are a peft adapter (an SFT adapter is trained on under them).
-PEFT_ADAPTERS = ("lora", "dora", "qlora")
 #: Name of the frozen copy of an SFT adapter that serves as the KL reference.
 REFERENCE_ADAPTER = "reference"
 REWARD_CURVE = "reward_curve.png"
@@ -44,6 +43,10 @@ def run(plan: Plan) -> None:
     from vistune.pipelines.sft import ensure_built
 
     plan = with_algorithm_defaults(plan)
+    if plan.algorithm is not None and plan.algorithm.pipeline is not None:
+        from vistune.specs import load_ref
+
+        return load_ref(plan.algorithm.pipeline)(plan)  # an algorithm that trains its own way (offline data)
     config = plan.config
     prepare_output_dir(config.output_dir, f"{plan.loaded.where('output_dir')}: output_dir")
     check_liger(plan.loaded)
@@ -121,7 +124,7 @@ def load_policy(plan: Plan, needs_reference: bool) -> tuple[Any, Any, Path, str 
     base_plan = attrs.evolve(plan, model_dir=base_dir)
     model, processor = loading.load_model(base_plan, for_training=True)
     ref_adapter = ref_model = None
-    if adapter_dir is not None and plan.adapter.name in PEFT_ADAPTERS:
+    if adapter_dir is not None and plan.adapter.peft_adapter:
         from peft import PeftModel
 
         print(f"vistune: training on the adapter {adapter_dir} (base {base_dir})", flush=True)
@@ -136,7 +139,7 @@ def load_policy(plan: Plan, needs_reference: bool) -> tuple[Any, Any, Path, str 
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    if needs_reference and plan.adapter.name not in PEFT_ADAPTERS:
+    if needs_reference and not plan.adapter.peft_adapter:
         import copy
 
         ref_model = copy.deepcopy(model).eval()

@@ -171,17 +171,13 @@ class MemoryCachedDataset:
 def adapter_trainer_overrides(plan: Plan) -> dict[str, Any]:
     """``TrainingArguments`` keywords an adapter needs (GaLore's optimizer, for one).
 
-    An adapter asks for them with a ``trainer_overrides(config, model_type)`` function
-    in the module that holds its ``apply`` function.
+    An adapter asks for them with its spec's ``trainer_overrides(config, model_type)``.
     """
-    import importlib
+    from vistune.specs import load_ref
 
-    ref = plan.adapter.apply if plan.adapter else None
-    if not isinstance(ref, str):
+    if plan.adapter is None or plan.adapter.trainer_overrides is None:
         return {}
-    module = importlib.import_module(ref.partition(":")[0])
-    overrides = getattr(module, "trainer_overrides", None)
-    return dict(overrides(plan.config, plan.model_type)) if callable(overrides) else {}
+    return dict(load_ref(plan.adapter.trainer_overrides)(plan.config, plan.model_type))
 
 
 def ensure_built(location) -> None:

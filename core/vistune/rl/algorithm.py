@@ -20,8 +20,9 @@ at five points of each step:
 
 The building blocks in :mod:`vistune.rl.objectives` make each of these a few lines.
 An algorithm is constructed by its :class:`vistune.specs.Algorithm` factory from the
-run's :class:`vistune.config.RunConfig`; algorithm-specific settings come from the
-config's ``algorithm_options`` mapping (read them with :func:`read_options`).
+run's :class:`vistune.config.RunConfig`; algorithm-specific settings are the spec's
+declared ``options``, set in the algorithm's section of the config (or its
+``algorithm_options``) and read with :func:`read_options`.
 
 Tensors: ``N`` completions = ``G`` groups x ``n`` completions per group, in group
 order; ``T`` completion tokens (right-padded, ``mask`` marks real tokens).  A reward
@@ -32,12 +33,13 @@ completions, so they never move the policy).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
 from vistune.errors import ConfigError
+from vistune.specs import Option
 
 __all__ = ["PolicyBatch", "PolicyLoss", "RLAlgorithm", "RolloutStats", "read_options"]
 
@@ -150,13 +152,19 @@ class RLAlgorithm(Protocol):
         raise NotImplementedError
 
 
-def read_options(algorithm: str, config: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """The config's ``algorithm_options`` over ``defaults``; an unknown key is a ConfigError.
+def read_options(algorithm: str, config: Any, defaults: Mapping[str, Any] | Sequence[Option]) -> dict[str, Any]:
+    """The algorithm's options from the config over ``defaults``; an unknown key is a ConfigError.
 
-    A value is converted to the type of its default (an int where a float is expected
-    is fine; a string where a number is expected is not).
+    The options come from the algorithm's section (``grpo: {num_iterations: 2}``) and from
+    ``algorithm_options``, its older spelling.  ``defaults`` is the spec's declared
+    :class:`~vistune.specs.Option` tuple, whose values the config has already checked, or
+    a mapping of defaults; a value is then converted to the type of its default (an int
+    where a float is expected is fine; a string where a number is expected is not).
     """
+    if not isinstance(defaults, Mapping):
+        defaults = {option.name: option.default for option in defaults}
     given = dict(getattr(config, "algorithm_options", None) or {})
+    given.update((getattr(config, "options", None) or {}).get(algorithm, {}))
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         allowed = ", ".join(sorted(defaults)) or "none"

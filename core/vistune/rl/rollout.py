@@ -98,13 +98,13 @@ class Group:
 
 
 def engine_factory(backend: Any) -> Any:
-    """``from_model(model, processor, encoder, *, max_batch_size[, config])`` of the backend's engine class.
+    """``from_model(model, processor, encoder, *, max_batch_size, config)`` of the backend's engine class.
 
     :raises ConfigError: when the backend cannot sample from an in-memory policy.
     """
     from vistune.specs import load_ref
 
-    if backend is None or backend.name == "transformers":
+    if backend is None:  # the default backend's engine
         from vistune.inference.transformers_engine import TransformersEngine
 
         return TransformersEngine.from_model
@@ -120,10 +120,7 @@ def engine_factory(backend: Any) -> Any:
 
 def make_engine(backend: Any, model: Any, processor: Any, encoder: Any, max_batch_size: int, config: Any) -> Any:
     """An engine sampling from ``model`` for the plan's backend spec (see the module docstring)."""
-    from_model = engine_factory(backend)
-    if backend is None or backend.name == "transformers":  # runs the policy itself: nothing to configure
-        return from_model(model, processor, encoder, max_batch_size=max_batch_size)
-    return from_model(model, processor, encoder, max_batch_size=max_batch_size, config=config)
+    return engine_factory(backend)(model, processor, encoder, max_batch_size=max_batch_size, config=config)
 
 
 def generate_groups(

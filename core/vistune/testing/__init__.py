@@ -10,8 +10,10 @@ from vistune.testing.contracts import (
     check_adapter,
     check_algorithm,
     check_backend,
+    check_data_format,
     check_dataset,
     check_model_type,
+    check_options,
     check_reward,
     check_template,
 )
@@ -21,8 +23,10 @@ __all__ = [
     "check_adapter",
     "check_algorithm",
     "check_backend",
+    "check_data_format",
     "check_dataset",
     "check_model_type",
+    "check_options",
     "check_reward",
     "check_template",
 ]

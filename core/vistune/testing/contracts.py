@@ -99,6 +99,56 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
 # -- models --------------------------------------------------------------------------
 
 
+def check_options(spec: Any) -> tuple[specs.Option, ...]:
+    """The options a spec declares can be set and read as the config reads them.
+
+    Each is a :class:`vistune.specs.Option` with a valid, unique name; its help is one
+    non-empty line; its default is already a value of its type (and among its choices,
+    within its bounds) or null; its choices are values of its type; its flat alias is not
+    a core config key, and the plugin's name (its section) is not one either.
+
+    :returns: the declared options.
+    """
+    from vistune.config import FIELDS, KEY_ALIASES
+    from vistune.errors import ConfigError
+    from vistune.options import convert_option
+
+    options = getattr(spec, "options", ())
+    _fail_unless(isinstance(options, tuple) and all(isinstance(o, specs.Option) for o in options), spec,
+                 f"options must be a tuple of vistune.specs.Option, got {options!r}")  # fmt: skip
+    if not options:
+        return options
+    core_keys = set(FIELDS) | set(KEY_ALIASES)
+    _fail_unless(spec.name not in core_keys, spec, f"its options section would be the config key {spec.name!r}; "
+                 "rename the plugin, or its options cannot be set")  # fmt: skip
+    names = [option.name for option in options]
+    _fail_unless(len(set(names)) == len(names), spec, f"options declare a name twice: {names}")
+    for option in options:
+        what = f"option {option.name!r}"
+        _fail_unless(specs.OPTION_NAME_PATTERN.match(option.name), spec, f"{what}: not a lower-case identifier")
+        _fail_unless(isinstance(option.help, str) and option.help.strip() and "\n" not in option.help, spec,
+                     f"{what}: help must be one non-empty line")  # fmt: skip
+        for choice in option.choices or ():
+            try:
+                ok = convert_option(attrs.evolve(option, choices=None), choice, what, "choices") == choice
+            except ConfigError:
+                ok = False
+            _fail_unless(ok, spec, f"{what}: choice {choice!r} is not a {option.type} value")
+        try:
+            converted = convert_option(option, option.default, what, "default")
+        except ConfigError as exc:
+            raise ContractError(f"{type(spec).__name__} {spec.name!r}: {what}: its default {option.default!r} is not "
+                                f"valid: {exc.message.removeprefix('default: ')}") from None  # fmt: skip
+        _fail_unless(converted == option.default and type(converted) is type(option.default), spec,
+                     f"{what}: its default {option.default!r} is not a {option.type} value as the config reads it "
+                     f"(it would read as {converted!r})")  # fmt: skip
+        if option.minimum is not None and option.maximum is not None:
+            _fail_unless(option.minimum <= option.maximum, spec, f"{what}: minimum is above maximum")
+        if option.alias is not None:
+            _fail_unless(option.alias not in core_keys, spec, f"{what}: its alias {option.alias!r} is a core config key")
+    return options
+
+
 def check_model_type(spec: specs.ModelType, checkpoint_dir: str | Path, options: Any = None, *, plugin_manager=None):
     """Load ``checkpoint_dir`` with the model type and check what pipelines rely on.
 
@@ -207,6 +257,7 @@ def check_template(
     :returns: what ``encode`` returned for ``sample``.
     """
     _check_spec_type(spec, specs.Template)
+    check_options(spec)
     options = options or TemplateOptions()
     factory = _load(spec, "factory")
     encoder = factory(processor, options)
@@ -308,6 +359,7 @@ def check_adapter(
     """
     _check_spec_type(spec, specs.Adapter)
     _check_requirements(spec)
+    check_options(spec)
     original = {name for name, _ in model.named_parameters()}
     apply = _load(spec, "apply")
     trained = apply(model, model_type, config)
@@ -324,11 +376,13 @@ def check_adapter(
         trainable_base = [n for n in trainable if n in original and not _under(n, full_prefixes)]
         _fail_unless(not trainable_base, spec,
                      f"{len(trainable_base)} base weight(s) are trainable, e.g. {trainable_base[:3]}")  # fmt: skip
-        if getattr(config, "lora_scope", "language_model") == "language_model":
+        from vistune.options import option_values
+
+        if option_values(config, spec.name, spec.options).get("scope", "language_model") == "language_model":
             vision = model_type.vision_tower + model_type.projector
             outside = [n for n in trainable if n not in original and _under(n, vision) and not _under(n, full_prefixes)]
             _fail_unless(not outside, spec,
-                         f"lora_scope is language_model but {len(outside)} trainable parameter(s) sit in the vision tower "
+                         f"scope is language_model but {len(outside)} trainable parameter(s) sit in the vision tower "
                          f"or projector, e.g. {outside[:3]}")  # fmt: skip
         for part in full_parts:
             prefixes = getattr(model_type, part)
@@ -371,6 +425,7 @@ def check_algorithm(spec: specs.Algorithm, config: Any):
     from vistune.rl.algorithm import PolicyBatch, PolicyLoss, RolloutStats
 
     _check_spec_type(spec, specs.Algorithm)
+    check_options(spec)
     try:
         build_config(dict(spec.defaults), path=f"defaults of algorithm {spec.name!r}")
     except VistuneError as exc:
@@ -432,7 +487,7 @@ def check_reward(
     columns: Mapping[str, list[Any]] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> list[float | None]:
-    """Build the reward with ``factory(**options)`` and score ``completions``.
+    """Build the reward with ``factory(**options)`` (declared options' defaults filled in) and score ``completions``.
 
     The reward may be a plain or an async callable, called as a run calls it (by keyword,
     see :mod:`vistune.rl.rewards`).  It must return one score per completion, each a
@@ -444,11 +499,13 @@ def check_reward(
     from vistune.rl.rewards import call_reward
 
     _check_spec_type(spec, specs.Reward)
+    check_options(spec)
     columns = dict(columns or {})
     if len(prompts) != len(completions) or any(len(v) != len(completions) for v in columns.values()):
         raise ContractError("check_reward needs prompts and every column to have one entry per completion")
     factory = _load(spec, "factory")
-    reward = factory(**dict(options or {}))
+    # declared options reach the factory with their defaults filled in, as in a run
+    reward = factory(**{option.name: option.default for option in spec.options}, **dict(options or {}))
     _fail_unless(callable(reward), spec, f"factory() must return a callable, got {reward!r}")
     scores = _run(call_reward(reward, list(prompts), list(completions), **columns))
     _fail_unless(isinstance(scores, (list, tuple)), spec, f"the reward must return a list, got {scores!r}")
@@ -479,6 +536,7 @@ def check_backend(spec: specs.Backend, model_dir: str | Path, model_type: specs.
     from vistune.inference import FINISH_LENGTH, FINISH_STOP, GenerationRequest, SamplingParams, collect
 
     _check_spec_type(spec, specs.Backend)
+    check_options(spec)
     _check_spec_type(model_type, specs.ModelType)
     _check_requirements(spec)
     factory = _load(spec, "factory")
@@ -529,6 +587,7 @@ def check_dataset(spec: specs.Dataset, directory: str | Path | None = None, *, m
     from vistune.data.readers import read_dataset
 
     _check_spec_type(spec, specs.Dataset)
+    check_options(spec)
     if directory is None and spec.builder is None:
         _fail_unless(spec.hf_repo_id or spec.description, spec,
                      "has no builder, no hf_repo_id and no description: users cannot learn where to get it")  # fmt: skip
@@ -547,3 +606,113 @@ def check_dataset(spec: specs.Dataset, directory: str | Path | None = None, *, m
         raise ContractError(f"Dataset {spec.name!r}: {exc}") from exc
     _fail_unless(samples, spec, f"{data} holds no records")
     return samples
+
+
+# -- data formats --------------------------------------------------------------------------
+
+
+def _record_formats_besides(spec: specs.DataFormat, other_formats: Sequence[specs.DataFormat] | None) -> list:
+    if other_formats is None:
+        from vistune.data.readers import registered_formats
+
+        other_formats = list(registered_formats())
+    return [f for f in other_formats if f.name != spec.name and f.detect is not None]
+
+
+def check_data_format(
+    spec: specs.DataFormat,
+    records: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    directory: str | Path | None = None,
+    other_formats: Sequence[specs.DataFormat] | None = None,
+    bad_records: Sequence[Any] = (),
+) -> list[Sample]:
+    """Check that a data format reads records as vistune's readers rely on, and detects only its own.
+
+    A source format (``open_source``) is checked for references that load.  A record
+    format reads ``records`` (default: its ``example``): each must be detected by its
+    ``detect``, by none of ``other_formats`` (default: every registered record format),
+    and read into a Sample of system/user/assistant messages with one ``<image>`` tag per
+    image, keeping every field outside its ``fields`` as a column of the same name; its
+    ``detect`` must claim none of the other formats' examples.  With ``directory`` the
+    records' images are opened from there (relative paths), as a dataset's would be.
+    Each of ``bad_records`` must raise a DataError whose message starts with ``where``.
+
+    :returns: the samples read (images opened only with ``directory``; empty for a source format).
+    """
+    from vistune.data.formats import RecordReader
+    from vistune.errors import DataError
+
+    _check_spec_type(spec, specs.DataFormat)
+    for field in ("read", "detect", "open_source", "detect_source"):
+        if getattr(spec, field) is not None:
+            _load(spec, field)
+    if spec.read is None:
+        return []
+    records = list(records) if records is not None else [spec.example] if spec.example is not None else []
+    _fail_unless(records, spec, "has no example: set DataFormat.example (one record, as its tool documents it) "
+                 "or pass records")  # fmt: skip
+    others = _record_formats_besides(spec, other_formats)
+    detect = _load(spec, "detect") if spec.detect is not None else None
+    reader = RecordReader([], spec)
+    samples = []
+    for i, record in enumerate(records):
+        where = f"record {i}"
+        if detect is not None:
+            _fail_unless(detect(record), spec, f"does not detect its own example ({where}: {record!r})")
+        for other in others:
+            _fail_unless(not specs.load_ref(other.detect)(record), spec,
+                         f"its {where} is claimed by {other.name!r} too, so such records would be ambiguous: make the "
+                         "detectors exclude each other")  # fmt: skip
+        try:
+            sample = reader.read(record, where)
+        except DataError as exc:
+            raise ContractError(f"DataFormat {spec.name!r} refused its {where}: {exc}") from exc
+        tags = sum(m["content"].count(IMAGE_TAG) for m in sample.messages)
+        _fail_unless(tags == len(sample.images), spec,
+                     f"{where} became {tags} {IMAGE_TAG} tag(s) and {len(sample.images)} image(s)")  # fmt: skip
+        for key in record:
+            if key not in spec.fields:
+                _fail_unless(key in sample.columns, spec, f"drops the field {key!r} of {where}: fields it does not "
+                             "read must stay in Sample.columns, where rewards find them (or list it in fields)")  # fmt: skip
+        samples.append(sample)
+    if detect is not None:
+        for other in others:
+            if other.example is not None:
+                _fail_unless(not detect(other.example), spec,
+                             f"claims records of {other.name!r} too (its example), so they would be ambiguous")  # fmt: skip
+    for i, record in enumerate(bad_records):
+        where = f"bad record {i}"
+        try:
+            reader.read(record, where)
+        except DataError as exc:
+            _fail_unless(exc.message.startswith(where), spec,
+                         f"an error must start with where ({where!r}), got {exc.message!r}")  # fmt: skip
+            continue
+        except Exception as exc:
+            raise ContractError(f"DataFormat {spec.name!r} raised {type(exc).__name__} on {where} ({exc}); raise "
+                                "vistune.errors.DataError naming where and the field") from exc  # fmt: skip
+        raise ContractError(f"DataFormat {spec.name!r} read {where} {record!r} without an error")
+    if directory is not None:
+        samples = _read_with_images(spec, records, Path(directory))
+    return samples
+
+
+def _read_with_images(spec: specs.DataFormat, records: list, directory: Path) -> list[Sample]:
+    """``records`` read as a dataset in ``spec``'s format whose images live in ``directory``."""
+    import json
+
+    from vistune.data.locate import DatasetLocation
+    from vistune.data.readers import read_dataset
+    from vistune.registry import Owner, Registry
+
+    formats = Registry("formats", specs.DataFormat)
+    formats.add(spec, Owner("contract-check", "(test)"))
+    with tempfile.TemporaryDirectory(prefix="vistune-format-") as tmp:
+        path = Path(tmp) / "records.jsonl"
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+        try:
+            dataset = read_dataset(DatasetLocation(path, directory, spec.name), formats=formats)
+            return [dataset.read(i) for i in range(len(dataset))]
+        except VistuneError as exc:
+            raise ContractError(f"DataFormat {spec.name!r}: {exc}") from exc

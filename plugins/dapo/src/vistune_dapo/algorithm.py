@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from vistune.errors import ConfigError
 from vistune.rl.algorithm import PolicyBatch, PolicyLoss, RLAlgorithm, RolloutStats, read_options
 from vistune.rl.objectives import clipped_policy_loss, group_normalised_advantages
+from vistune_dapo.options import DAPO_OPTIONS
 
 __all__ = ["DAPO", "overlong_penalty"]
 
@@ -53,17 +54,8 @@ class DAPO(RLAlgorithm):
     """
 
     name = "dapo"
-    OPTIONS: ClassVar[dict[str, Any]] = {
-        "dynamic_sampling": True,
-        # sampling rounds per batch, the first included (verl's max_num_gen_batches)
-        "max_sampling_rounds": 10,
-        "overlong_shaping": True,
-        # L_cache in tokens; default 20% of max_completion_length, as in the paper
-        "overlong_buffer": None,
-        "overlong_penalty": 1.0,
-        "std_epsilon": 1e-4,
-        "num_iterations": 1,
-    }
+    #: Options and their defaults (declared, with their help, in :mod:`vistune_dapo.options`).
+    OPTIONS: ClassVar[dict[str, Any]] = {option.name: option.default for option in DAPO_OPTIONS}
 
     def __init__(self, config: Any):
         options = read_options(self.name, config, self.OPTIONS)

@@ -14,7 +14,7 @@
   reference model subtracted from the reward (``r - beta * sum_t log pi_old/pi_ref``)
   rather than added to the loss.
 
-``algorithm_options`` each class understands are in its ``OPTIONS``; ``epsilon``,
+The options each class understands (``grpo: {...}`` or ``algorithm_options``) are in its ``OPTIONS``; ``epsilon``,
 ``epsilon_high`` and ``beta`` are ordinary config keys.
 """
 
@@ -30,6 +30,7 @@ from vistune.rl.objectives import (
     group_normalised_advantages,
     leave_one_out_baseline,
 )
+from vistune_grpo.options import DR_GRPO_OPTIONS, GRPO_OPTIONS, defaults_of
 
 __all__ = ["GRPO", "GSPO", "RLOO", "DrGRPO"]
 
@@ -42,17 +43,8 @@ class GRPO(RLAlgorithm):
     """
 
     name = "grpo"
-    #: ``algorithm_options`` and their defaults.
-    OPTIONS: ClassVar[dict[str, Any]] = {
-        # sequence (GRPO), token (DAPO-style) or constant (Dr. GRPO)
-        "loss_normalisation": "sequence",
-        # divide the centred rewards by the group's std
-        "scale_rewards": True,
-        # added to the std so a near-constant group does not explode (TRL uses the same 1e-4)
-        "std_epsilon": 1e-4,
-        # optimizer steps per rollout batch (the paper's mu)
-        "num_iterations": 1,
-    }
+    #: Options and their defaults (declared, with their help, in :mod:`vistune_grpo.options`).
+    OPTIONS: ClassVar[dict[str, Any]] = defaults_of(GRPO_OPTIONS)
     #: ``token``: one ratio per token; GSPO uses ``sequence``, RLOO ``sequence_sum``.
     ratio_level = "token"
 
@@ -104,7 +96,7 @@ class DrGRPO(GRPO):
     """GRPO done right: no std scaling, constant loss normaliser."""
 
     name = "dr-grpo"
-    OPTIONS: ClassVar[dict[str, Any]] = {**GRPO.OPTIONS, "loss_normalisation": "constant", "scale_rewards": False}
+    OPTIONS: ClassVar[dict[str, Any]] = defaults_of(DR_GRPO_OPTIONS)
 
 
 class GSPO(GRPO):
