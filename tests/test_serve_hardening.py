@@ -83,17 +83,19 @@ def error_of(response: httpx.Response, status: int = 400) -> dict:
 # -- JSON nesting ------------------------------------------------------------------------
 
 
-def test_deeply_nested_json_is_400_and_the_connection_stays_usable(server):
-    nested = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+def refused_on_a_kept_connection(server, body: bytes, code: str) -> tuple[dict, float]:
+    """POST ``body``, expect a 400 with ``code``, then a good request on the same keep-alive connection.
+
+    Returns the refusal's error object and the seconds it took.
+    """
     connection = http.client.HTTPConnection(server.host, server.port, timeout=60)
     try:
         started = time.perf_counter()
-        connection.request("POST", "/v1/chat/completions", nested, JSON)
+        connection.request("POST", "/v1/chat/completions", body, JSON)
         response = connection.getresponse()
         answer = json.loads(response.read())
-        assert time.perf_counter() - started < QUICK_S
-        assert response.status == 400, answer
-        assert answer["error"]["code"] == "json_too_deep" and str(schemas.MAX_JSON_DEPTH) in answer["error"]["message"]
+        elapsed = time.perf_counter() - started
+        assert response.status == 400 and answer["error"]["code"] == code, answer
         sock = connection.sock
         connection.request("POST", "/v1/chat/completions", json.dumps(chat_body()), JSON)
         response = connection.getresponse()
@@ -102,6 +104,13 @@ def test_deeply_nested_json_is_400_and_the_connection_stays_usable(server):
         assert connection.sock is sock  # the same keep-alive connection carried both requests
     finally:
         connection.close()
+    return answer["error"], elapsed
+
+
+def test_deeply_nested_json_is_400_and_the_connection_stays_usable(server):
+    nested = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    error, elapsed = refused_on_a_kept_connection(server, nested, "json_too_deep")
+    assert elapsed < QUICK_S and str(schemas.MAX_JSON_DEPTH) in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -124,6 +133,39 @@ def test_deep_nesting_in_a_utf16_body_is_refused(server):
     nested = ('{"model": "tiny", "messages": ' + "[" * 10_000 + "]" * 10_000 + "}").encode("utf-16")
     response, elapsed = post(server, "/v1/chat/completions", nested)
     assert error_of(response)["code"] == "json_too_deep" and elapsed < QUICK_S
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        (b"[" + b"[]," * (schemas.MAX_JSON_CONTAINERS - 2) + b"[]]", None),  # at the bound: parsed
+        (b"[" + b"[]," * schemas.MAX_JSON_CONTAINERS + b"[]]", "json_too_large"),
+        (b'{"a": [' + b"{}," * 20_000 + b"{}]}", "json_too_large"),  # objects count alike
+        (b"[" + b"1," * (schemas.MAX_JSON_VALUES + 1) + b"1]", "json_too_large"),
+        (b'{"prompt": ' + json.dumps([[7] * 131_072] * 2).encode() + b"}", None),  # two prompts of a 128k context
+        (b'["' + b"[]," * 1_000_000 + b'"]', None),  # brackets and commas in strings are text
+        (b"[" * 200_000, "json_too_deep"),  # too many and too deep: the depth is named
+    ],
+)
+def test_json_structure_bounds(text, code, monkeypatch):
+    """Refused before ``json.loads`` ever sees the body; a body within the bounds parses."""
+    if code is None:
+        schemas.check_json_structure(text)
+        assert schemas.load_json(text) == json.loads(text)
+        return
+    monkeypatch.setattr(schemas.json, "loads", lambda *a, **k: pytest.fail("parsed a body it should refuse"))
+    with pytest.raises(APIError) as raised:
+        schemas.load_json(text)
+    assert raised.value.code == code
+
+
+def test_millions_of_tiny_arrays_are_400_quickly_and_the_connection_stays_usable(server):
+    """57 MiB of ``[],`` (under the body cap) is 20 million lists once parsed: about 5 s and 1.7 GB in json.loads."""
+    body = b'{"model": "tiny", "messages": [' + b"[]," * 20_000_000 + b"[]]}"
+    assert len(body) < schemas.MAX_BODY_BYTES
+    error, elapsed = refused_on_a_kept_connection(server, body, "json_too_large")
+    assert f"at most {schemas.MAX_JSON_CONTAINERS}" in error["message"]
+    assert elapsed < 3 * QUICK_S, elapsed  # sending and scanning 57 MiB; parsing it alone takes longer
 
 
 # -- lone surrogates ---------------------------------------------------------------------

@@ -6,7 +6,8 @@ does not implement are refused when set to anything but their neutral value, rat
 than silently ignored.
 
 Bodies are read within :data:`BODY_READ_TIMEOUT_S`, checked for nesting deeper than
-:data:`MAX_JSON_DEPTH` before they are parsed, and every string in them must be valid
+:data:`MAX_JSON_DEPTH` and for more arrays, objects and values than real requests hold
+before they are parsed, and every string in them must be valid
 Unicode text (no lone surrogates), so malformed input is refused with a 4xx instead of
 failing deep inside the parser or the tokenizer.
 """
@@ -41,6 +42,13 @@ MAX_JSON_DEPTH = 64
 #: client that stalls mid-body is answered 408 and disconnected; it never holds a place
 #: in the admission limit, which a request enters only once its body has been read.
 BODY_READ_TIMEOUT_S = 30.0
+#: Most JSON arrays and objects accepted in a body, and most commas between values
+#: (about the number of values).  Real requests hold a few dozen containers and, at
+#: most, a prompt of token ids as long as a 128k context, twice; the bounds refuse bodies
+#: of millions of tiny values (``[[],[],...]``), small on the wire and gigabytes once
+#: parsed, and keep what pydantic validates (and its list of errors) small.
+MAX_JSON_CONTAINERS = 10_000
+MAX_JSON_VALUES = 262_144
 
 Number = StrictFloat | StrictInt
 
@@ -209,8 +217,8 @@ async def _read_limited(request: Any) -> bytes:
 
 # -- JSON that parses without harm -------------------------------------------------------
 
-#: Bytes that are not quotes or brackets, deleted to leave a body's structure.
-_NOT_STRUCTURE = bytes(range(256)).translate(None, b'"[]{}')
+#: Bytes that are not quotes, brackets or commas, deleted to leave a body's structure.
+_NOT_STRUCTURE = bytes(range(256)).translate(None, b'"[]{},')
 #: Nesting change of each byte: +1 for an opening bracket, -1 for a closing one.
 _DEPTH_STEP = [1 if byte in b"[{" else -1 if byte in b"]}" else 0 for byte in range(256)]
 #: Bytes handled at once by the nesting scan: keeps its temporary lists small.
@@ -229,8 +237,8 @@ def _as_utf8(raw: bytes) -> bytes:
     return raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
 
 
-def _brackets_outside_strings(raw: bytes) -> bytes:
-    """The brackets of a UTF-8 JSON text that are not inside strings, in order.
+def _structure_outside_strings(raw: bytes) -> bytes:
+    """The brackets and commas of a UTF-8 JSON text that are not inside strings, in order.
 
     Escapes are dropped first (``\\\\``, then ``\\"``), so every quote left opens or
     closes a string; strings are then cut out by quote parity.  All steps are bytes
@@ -258,13 +266,45 @@ def nested_deeper_than(raw: bytes, limit: int) -> bool:
     """
     if raw.count(b"[") + raw.count(b"{") <= limit:
         return False
-    brackets, depth = _brackets_outside_strings(raw), 0
-    for start in range(0, len(brackets), _SCAN_CHUNK):
-        chunk = brackets[start : start + _SCAN_CHUNK]
+    return _deeper_than(_structure_outside_strings(raw), limit)
+
+
+def _deeper_than(structure: bytes, limit: int) -> bool:
+    depth = 0
+    for start in range(0, len(structure), _SCAN_CHUNK):
+        chunk = structure[start : start + _SCAN_CHUNK]
         if max(accumulate(map(_DEPTH_STEP.__getitem__, chunk), initial=depth)) > limit:
             return True
         depth += chunk.count(b"[") + chunk.count(b"{") - chunk.count(b"]") - chunk.count(b"}")
     return False
+
+
+def check_json_structure(raw: bytes) -> None:
+    """Refuse a UTF-8 JSON text that nests too deep or holds too many values, before it is parsed.
+
+    Counts over the whole body (brackets and commas inside strings included) bound what
+    lies outside strings, so most bodies need no scan at all.  The nesting scan, the one
+    step that is not a bytes method, reads at most a few times :data:`MAX_JSON_CONTAINERS`
+    brackets, so a body of millions of arrays is refused as fast as it is scanned.
+
+    :raises APIError: 400 ``json_too_deep`` past :data:`MAX_JSON_DEPTH`, ``json_too_large``
+        past :data:`MAX_JSON_CONTAINERS` or :data:`MAX_JSON_VALUES`.
+    """
+    containers, commas = raw.count(b"[") + raw.count(b"{"), raw.count(b",")
+    if containers <= min(MAX_JSON_DEPTH, MAX_JSON_CONTAINERS) and commas <= MAX_JSON_VALUES:
+        return
+    structure = _structure_outside_strings(raw)
+    brackets = structure.translate(None, b",")
+    containers = brackets.count(b"[") + brackets.count(b"{")
+    # too many containers: say "too deep" when the nesting shows within the first ones (a [[[[... body)
+    if containers > MAX_JSON_DEPTH and _deeper_than(brackets[: 4 * MAX_JSON_CONTAINERS], MAX_JSON_DEPTH):
+        raise bad_request(f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
+                          code="json_too_deep")  # fmt: skip
+    if containers > MAX_JSON_CONTAINERS:
+        raise bad_request(f"the request body holds {containers} JSON arrays and objects; at most "
+                          f"{MAX_JSON_CONTAINERS} are accepted", code="json_too_large")  # fmt: skip
+    if structure.count(b",") > MAX_JSON_VALUES:
+        raise bad_request(f"the request body holds more than {MAX_JSON_VALUES} JSON values", code="json_too_large")
 
 
 #: A UTF-16 surrogate: half of a pair in UTF-16, never a character of text on its own.
@@ -302,14 +342,13 @@ def _not_unicode(value: Any, path: str = "") -> str | None:
 def load_json(raw: bytes) -> Any:
     """Parse a JSON body, refusing what would fail inside the parser or later on.
 
-    :raises APIError: 400: not JSON, nested deeper than :data:`MAX_JSON_DEPTH`, or a
+    :raises APIError: 400: not JSON, nested deeper than :data:`MAX_JSON_DEPTH`, more
+        arrays, objects or values than :data:`MAX_JSON_CONTAINERS` / :data:`MAX_JSON_VALUES`, or a
         string that is not valid Unicode (the ``param`` names it).
     """
     try:
         raw = _as_utf8(raw)
-        if nested_deeper_than(raw, MAX_JSON_DEPTH):
-            raise bad_request(f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
-                              code="json_too_deep")  # fmt: skip
+        check_json_structure(raw)
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
