@@ -351,30 +351,9 @@ class RLTrainer(VistuneTrainer):
                 with self._reference(model) as reference:
                     self._split(groups, "ref_logps", completion_logps(reference, inputs, self.temperature), lengths)
 
-    @contextmanager
     def _reference(self, model: Any):
-        """The reference model: a separate frozen model, a frozen adapter, or the policy without its adapter.
-
-        It runs in eval mode: the reference is a fixed distribution, without dropout.
-        """
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        was_training = model.training
-        model.eval()
-        try:
-            if self.ref_adapter is not None:
-                previous = model.active_adapter
-                model.set_adapter(self.ref_adapter)
-                try:
-                    yield model
-                finally:
-                    model.set_adapter(previous)
-            else:
-                with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-                    yield model
-        finally:
-            model.train(was_training)
+        """The reference model: a separate frozen model, a frozen adapter, or the policy without its adapter."""
+        return reference_model(model, self.ref_model, self.ref_adapter)
 
     def _sequence_kl(self, group: Group) -> Any:
         import torch
@@ -468,3 +447,30 @@ class RLTrainer(VistuneTrainer):
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+
+
+@contextmanager
+def reference_model(model: Any, ref_model: Any = None, ref_adapter: str | None = None):
+    """The reference of a KL term, in eval mode: ``ref_model``, else ``model`` on its frozen ``ref_adapter``,
+    else ``model`` with its adapter disabled (or as it is, without one).
+
+    It runs in eval mode: the reference is a fixed distribution, without dropout.
+    """
+    if ref_model is not None:
+        yield ref_model
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        if ref_adapter is not None:
+            previous = model.active_adapter
+            model.set_adapter(ref_adapter)
+            try:
+                yield model
+            finally:
+                model.set_adapter(previous)
+        else:
+            with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+                yield model
+    finally:
+        model.train(was_training)

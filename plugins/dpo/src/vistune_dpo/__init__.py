@@ -1,0 +1,1 @@
+"""vistune-dpo: preference optimisation (DPO, ORPO, SimPO, KTO) on stored preference data."""

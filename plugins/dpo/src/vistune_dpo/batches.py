@@ -1,0 +1,127 @@
+"""Preference records to training batches, through the model's own vistune template.
+
+A pair is encoded as two conversations, prompt + chosen and prompt + rejected, by the
+template's ``encode`` (the same as ``vistune sft``'s: token ids with the images'
+placeholders expanded, labels on the answer and its end-of-turn token).  A batch of
+``B`` pairs holds the ``2B`` sequences as one padded block, all chosen answers first,
+then all rejected ones (one concatenated forward, as TRL does), and the image tensors
+of the ``B`` pairs once: the trainer runs the vision tower once per pair and gives
+both answers the same image features.  An unpaired batch (KTO) holds ``B`` answers and,
+for the KL estimate, each prompt followed by the previous record's answer (TRL's
+mismatched pairs), with the same images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vistune.data.collate import Collator
+from vistune.errors import DataError
+from vistune.templates import IGNORE_INDEX, Sample
+from vistune_dpo.layouts import ANSWERS
+
+#: Encoder outputs that hold images (they travel once per pair).
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+
+
+def with_answer(sample: Sample, answer: str) -> Sample:
+    """The prompt of ``sample`` followed by ``answer`` as the assistant's turn."""
+    return Sample([*sample.messages, {"role": "assistant", "content": answer}], sample.images, sample.columns,
+                  sample.source)  # fmt: skip
+
+
+def _text_only(encoded: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in encoded.items() if k not in IMAGE_KEYS}
+
+
+def _check_answer(encoded: dict[str, Any], which: str, source: str) -> None:
+    if not any(label != IGNORE_INDEX for label in encoded["labels"]):
+        raise DataError(f"{source}: the {which} answer encodes to no trained token", hint="check the record's answer")
+
+
+class PreferenceItems:
+    """Map-style dataset of encoded preference items, read and encoded when a batch needs them.
+
+    ``items[i]`` is ``{"index", "chosen", "rejected"}`` (paired) or ``{"index", "answer",
+    "label", "sample"}`` (unpaired; the sample, with its images, builds the KL sequences).
+    A pair the template drops (``truncation: drop``) is replaced by the next one and
+    counted in :attr:`dropped`.
+    """
+
+    def __init__(self, records: Sequence[Sample], encoder: Any, *, paired: bool):
+        self.records = records
+        self.encoder = encoder
+        self.paired = paired
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encode(self, index: int) -> dict[str, Any] | None:
+        sample = self.records[index]
+        answers = sample.columns[ANSWERS]
+        if self.paired:
+            chosen = self.encoder.encode(with_answer(sample, answers["chosen"]))
+            rejected = self.encoder.encode(with_answer(sample, answers["rejected"]))
+            if chosen is None or rejected is None:
+                return None
+            _check_answer(chosen, "chosen", sample.source)
+            _check_answer(rejected, "rejected", sample.source)
+            return {"index": index, "chosen": chosen, "rejected": _text_only(rejected)}
+        answer = self.encoder.encode(with_answer(sample, answers["completion"]))
+        if answer is None:
+            return None
+        _check_answer(answer, "answer", sample.source)
+        return {"index": index, "answer": answer, "label": answers["label"], "sample": sample}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for offset in range(len(self)):
+            item = self.encode((index + offset) % len(self))
+            if item is not None:
+                return item
+            self.dropped += 1
+        raise DataError("every preference record is longer than max_length", hint="raise max_length")
+
+
+class PreferenceCollator:
+    """``collator(items) -> batch`` for :class:`PreferenceItems`.
+
+    Paired: ``input_ids``, ``attention_mask``, ``labels`` of ``2B`` rows (chosen answers,
+    then rejected ones), the ``B`` pairs' image tensors, and ``index`` ``(B,)``.
+    Unpaired: ``B`` rows with ``label`` ``(B,)``, and ``kl_input_ids``, ``kl_attention_mask``,
+    ``kl_labels``: row ``i`` is prompt ``i`` with the answer of row ``i - 1``.
+
+    :param encoder: the template (unpaired batches encode their KL sequences with it).
+    :param pad_token_id: pads ``input_ids``.
+    :param pad_to_multiple_of: padded lengths are rounded up to it.
+    """
+
+    def __init__(self, encoder: Any, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.encoder = encoder
+        self.collate = Collator(pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        index = torch.tensor([item["index"] for item in items])
+        if "chosen" in items[0]:
+            batch = self.collate([item["chosen"] for item in items] + [item["rejected"] for item in items])
+            return {**batch, "index": index}
+        batch = self.collate([item["answer"] for item in items])
+        kl_encoded = []
+        for i, item in enumerate(items):
+            previous = items[i - 1]["sample"].columns[ANSWERS]["completion"]
+            encoded = self.encoder.encode(with_answer(item["sample"], previous))
+            if encoded is None:  # too long with the other answer: the KL estimate uses the row's own answer
+                encoded = item["answer"]
+            kl_encoded.append(_text_only(encoded))
+        kl = self.collate(kl_encoded)
+        return {
+            **batch,
+            "index": index,
+            "label": torch.tensor([bool(item["label"]) for item in items]),
+            "kl_input_ids": kl["input_ids"],
+            "kl_attention_mask": kl["attention_mask"],
+            "kl_labels": kl["labels"],
+        }
