@@ -59,7 +59,7 @@ def vistune_register_models(register):
         )
     )
     for name, model_type, repo, what in _ALIASES:
-        register(ModelAlias(name, model_type, repo, description=f"{what}; {repo} (local copy; nothing is downloaded)"))
+        register(ModelAlias(name, model_type, repo, description=f"{what}; {repo} (local copy, else downloaded from the Hub)"))
 
 
 @hookimpl

@@ -44,7 +44,7 @@ def vistune_register_models(register):
                        description="Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), windowed-attention vision encoder",
                        **common))  # fmt: skip
     for name, model_type, repo in _ALIASES:
-        register(ModelAlias(name, model_type, repo, description=f"{repo} (local copy; nothing is downloaded)"))
+        register(ModelAlias(name, model_type, repo, description=f"{repo} (local copy, else downloaded from the Hub)"))
 
 
 @hookimpl
