@@ -1,5 +1,8 @@
 """Shared by the core's tests."""
 
+import http.server
+import threading
+
 import pytest
 
 #: The configuration users bring from other fine-tuning tools; vistune accepts it as written.
@@ -32,3 +35,26 @@ def engine(tiny_llama):
                                 RunConfig(task="serve", device="cpu", max_batch_size=8))  # fmt: skip
     yield engine
     engine.close()
+
+
+@pytest.fixture
+def image_server(tmp_path):
+    """A local HTTP server of ``tmp_path/served``, which holds ``remote.png`` (7x7, blue); yields its base URL."""
+    from PIL import Image
+
+    (tmp_path / "served").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (7, 7), "blue").save(tmp_path / "served" / "remote.png")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "served"), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

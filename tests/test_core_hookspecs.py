@@ -33,8 +33,8 @@ def test_hook_api_version_and_markers_are_published():
     assert vistune.hookimpl.project_name == vistune.hookspec.project_name == "vistune"
 
 
-def test_there_are_seven_registration_hooks_and_six_lifecycle_hooks():
-    kinds = ["models", "templates", "adapters", "algorithms", "rewards", "backends", "datasets"]
+def test_there_are_eight_registration_hooks_and_six_lifecycle_hooks():
+    kinds = ["models", "templates", "adapters", "algorithms", "rewards", "backends", "datasets", "data_formats"]
     assert list(REGISTRATION_HOOKS) == [f"vistune_register_{kind}" for kind in kinds]
     assert sorted(hook_names()) == sorted([*REGISTRATION_HOOKS, *LIFECYCLE_HOOKS])
     for name in REGISTRATION_HOOKS:
@@ -109,6 +109,11 @@ def test_vistune_register_backends():
 def test_vistune_register_datasets():
     _register_test("vistune_register_datasets", "datasets",
                    specs.Dataset("toy-data", format="messages", data_file="train.jsonl"))  # fmt: skip
+
+
+def test_vistune_register_data_formats():
+    _register_test("vistune_register_data_formats", "formats",
+                   specs.DataFormat("toy-records", read="toy.records:read", detect="toy.records:detect"))  # fmt: skip
 
 
 # -- lifecycle hooks: called through the plugin manager with the documented arguments --

@@ -50,7 +50,8 @@ def broken(tmp_path):
 
 
 def config(**values):
-    base = dict(on_bad_record="error", allow_remote_images=False, max_samples=None, allowed_image_dirs=[])
+    base = dict(on_bad_record="error", allow_remote_images=False, max_samples=None, allowed_image_dirs=[],
+                dataset_format=None)
     return SimpleNamespace(**{**base, **values})
 
 
@@ -68,7 +69,7 @@ def test_every_problem_is_named_before_reading(broken, monkeypatch):
     for line, problem in [(2, "not valid JSON"), (3, "'missing.png' not found"),
                           (4, "'../outside/red.png' is outside the dataset's folders"),
                           (5, "is outside the dataset's folders"), (6, "'../../../../../../etc/passwd' is outside"),
-                          (7, "0 <image> tag(s) but 1 image(s)"), (8, "neither 'messages' nor 'conversations'")]:  # fmt: skip
+                          (7, "0 <image> tag(s) but 1 image(s)"), (8, "the record is in no known data format (its keys: prompt)")]:  # fmt: skip
         assert f"{path}:{line}: " in message and problem in message, (line, problem)
     assert f"{path}:1:" not in message
     assert "on_bad_record: skip" in caught.value.hint

@@ -105,6 +105,20 @@ def vistune_register_datasets(register: Callable[[Any], None]) -> None:
     """
 
 
+@hookspec
+def vistune_register_data_formats(register: Callable[[Any], None]) -> None:
+    """Register data formats: how dataset records are written, and sources that are not JSON files.
+
+    :param register: call ``register(vistune.specs.DataFormat(...))``: a record format
+        (``read`` and usually ``detect``) or a source format (``open_source`` and
+        ``detect_source``).
+    :returns: nothing.
+
+    Called once, when plugins are loaded.  A record of a dataset that declares no format
+    is read by the one record format whose ``detect`` claims it.
+    """
+
+
 # ---------------------------------------------------------------------------
 # Lifecycle hooks: called by the pipelines at fixed points of a run.  Every
 # implementation is called; return values are ignored unless stated.

@@ -120,6 +120,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "rewards": ("vistune_register_rewards", specs.Reward),
     "backends": ("vistune_register_backends", specs.Backend),
     "datasets": ("vistune_register_datasets", specs.Dataset),
+    "formats": ("vistune_register_data_formats", specs.DataFormat),
 }
 
 

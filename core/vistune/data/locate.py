@@ -8,7 +8,7 @@ from pathlib import Path
 import attrs
 
 from vistune.registry import Registry
-from vistune.specs import Dataset
+from vistune.specs import DataFormat, Dataset, load_ref
 
 
 def cache_dir() -> Path:
@@ -20,8 +20,10 @@ def cache_dir() -> Path:
 class DatasetLocation:
     """The resolved dataset: its records file (or directory), image root and format."""
 
-    data_file: Path | None
+    #: The records file or directory, or what a source format opens (a hub id).
+    data_file: Path | str | None
     image_dir: Path | None
+    #: A registered record or source format, or ``records`` / ``None``: detected when read.
     format: str | None
     spec: Dataset | None = None
     #: How it was found, or, when ``data_file`` is None, what is missing and how to fix it.
@@ -35,26 +37,44 @@ class DatasetLocation:
         return self.data_file is not None
 
 
-def guess_format(path: Path) -> str:
-    """A local path's format: a ``datasets`` save_to_disk directory, or JSON/JSONL records."""
-    if path.is_dir() and any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        return "hf-disk"
-    return "records"  # messages or llava-instruct, told apart per record by the reader
+def guess_format(path: str | Path, formats: Registry[DataFormat] | None = None) -> str:
+    """The source format that claims ``path`` (a ``datasets`` directory, a hub id), or ``records``.
+
+    ``records`` is a JSON/JSONL file whose records' formats are told apart one by one.
+
+    :param formats: the registered data formats (default: the process's plugins').
+    """
+    if formats is None:
+        from vistune.data.readers import registered_formats
+
+        formats = registered_formats()
+    claims = [f.name for f in formats if f.detect_source is not None and load_ref(f.detect_source)(str(path))]
+    return claims[0] if len(claims) == 1 else "records"
 
 
-def locate_dataset(name: str, registry: Registry[Dataset], dataset_path: str | None = None) -> DatasetLocation:
+def locate_dataset(
+    name: str, registry: Registry[Dataset], dataset_path: str | None = None, formats: Registry[DataFormat] | None = None
+) -> DatasetLocation:
+    """Where the dataset ``name`` (an alias, a local path or what a source format opens) lives.
+
+    :param formats: the registered data formats (default: the process's plugins').
+    """
     if name not in registry:
         path = Path(name).expanduser()
         if not path.exists():
+            opened = guess_format(name, formats)
+            if opened != "records":  # a hub id, or another name a source format opens
+                return DatasetLocation(name, None, opened, how=f"opened as {opened} when the run starts")
             looks_like_a_path = "/" in name or name.endswith((".json", ".jsonl"))
             how = f"{name} does not exist" if looks_like_a_path else registry.unknown_message(name)
             return DatasetLocation(None, None, None, how=how)
-        if path.is_dir() and guess_format(path) != "hf-disk":
+        fmt = guess_format(path, formats)
+        if path.is_dir() and fmt == "records":
             candidates = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.json"))
             if not candidates:
                 return DatasetLocation(None, None, None, how=f"{path} holds no .json/.jsonl records file")
             path = candidates[0]
-        return DatasetLocation(path, path.parent if path.is_file() else path, guess_format(path), how="local path")
+        return DatasetLocation(path, path.parent if path.is_file() else path, fmt, how="local path")
     spec = registry.get(name)
     data_root = os.environ.get("VISTUNE_DATA_DIR")
     tried = [

@@ -1,21 +1,10 @@
 """Reading dataset records into :class:`vistune.templates.Sample` objects, lazily.
 
-Three formats (:data:`FORMATS`):
-
-``messages``
-    JSONL (one object per line) or a JSON array of
-    ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}], "images": [...]}``.
-    ``content`` is a string with one ``<image>`` tag per image, or an OpenAI-style list
-    of parts (``{"type": "text", "text": ...}``, ``{"type": "image"}``,
-    ``{"type": "image", "image": path}``, ``{"type": "image_url", "image_url": {"url": ...}}``),
-    which becomes a string with ``<image>`` tags.  Other keys are kept as ``columns``.
-``llava-instruct``
-    LLaVA's ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value": ...}]}``.
-``hf-disk``
-    A ``datasets`` ``save_to_disk`` directory whose rows are in either format above
-    (image columns may be ``datasets.Image`` features).
-
-A local records file whose format is not declared is told apart per record.
+Records come from a source (:mod:`vistune.data.sources`: a JSONL file, a JSON array, or
+what a source format opens, such as a ``datasets`` directory or a hub id) and are read
+by a record format (:mod:`vistune.data.formats`): the one the dataset declares or, when
+it declares none, the one whose detector claims each record.  Both kinds are plugins
+(:class:`vistune.specs.DataFormat`); nothing here names one.
 
 Nothing is parsed up front: opening a JSONL file indexes the byte offset of each line
 (a JSON array is scanned once for the offsets of its elements), a record is parsed when
@@ -28,30 +17,29 @@ good record is read in its place.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
 import io
-import json
 import os
-import re
-from array import array
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vistune.chat_template import ROLES
+from vistune.data.formats import RecordReader
 from vistune.data.locate import DatasetLocation
+from vistune.data.sources import open_records_file
 from vistune.errors import DataError
+from vistune.registry import Registry
+from vistune.specs import DataFormat, load_ref
 from vistune.templates import IMAGE_TAG, Sample
 
-FORMATS = ("messages", "llava-instruct", "hf-disk")
 ON_BAD_RECORD = ("error", "skip")
 
-#: Role names of other conversation formats (ShareGPT, LLaVA), mapped to vistune's.
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
-
 REMOTE_PREFIXES = ("http://", "https://")
-_REMOTE_TIMEOUT_S = 30
-_WHITESPACE = re.compile(r"\s*")
+#: Largest remote image fetched for a dataset record (bytes); the server's bound on request images.
+MAX_REMOTE_IMAGE_BYTES = 32 * 1024 * 1024
 #: How many skipped records keep their reason (the count has no limit).
 SKIPPED_REASONS_KEPT = 100
 
@@ -71,14 +59,50 @@ def _decode_image(data: bytes, what: str, where: str) -> Any:
 
 
 def _fetch(url: str, where: str) -> bytes:
-    import urllib.error
-    import urllib.request
+    """The bytes at ``url``, fetched as the server fetches request images (:mod:`vistune.serving.remote`).
 
+    Redirects are checked hop by hop, the body is bounded (:data:`MAX_REMOTE_IMAGE_BYTES`)
+    and the fetch by time; cloud metadata addresses are refused.  Hosts of the private
+    network are allowed: a dataset's images may live on an image store there.
+    """
     try:
-        with urllib.request.urlopen(url, timeout=_REMOTE_TIMEOUT_S) as response:
-            return response.read()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise DataError(f"{where}: cannot fetch image {url}: {exc}") from exc
+        from vistune.serving.errors import APIError
+        from vistune.serving.remote import fetch_remote
+    except ImportError as exc:  # httpx
+        raise DataError(f"{where}: fetching image {url} needs httpx", hint="pip install httpx") from exc
+    box: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            box["data"] = asyncio.run(fetch_remote(url, max_bytes=MAX_REMOTE_IMAGE_BYTES, param="image",
+                                                   allow_private=True))  # fmt: skip
+        except APIError as exc:
+            box["error"] = exc
+        except ImportError as exc:
+            box["error"] = exc
+
+    # A thread of its own: the caller may be running an event loop (the inference engines do).
+    thread = threading.Thread(target=fetch, name="vistune-image-fetch")
+    thread.start()
+    thread.join()
+    error = box.get("error")
+    if isinstance(error, ImportError):
+        raise DataError(f"{where}: fetching image {url} needs httpx", hint="pip install httpx") from error
+    if error is not None:
+        raise DataError(f"{where}: cannot fetch image {url}: {error.message}") from error
+    return box["data"]
+
+
+def _embedded_bytes(data: Any, where: str) -> bytes:
+    """A ``datasets.Image`` cell's ``bytes``: raw bytes, or base64 text where JSON had to hold them."""
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    if isinstance(data, str):
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise DataError(f"{where}: the image's 'bytes' is text but not base64: {exc}") from exc
+    raise DataError(f"{where}: the image's 'bytes' must be bytes or base64 text, got {type(data).__name__}")
 
 
 def open_image(image: Any, *, where: str = "", allow_remote: bool = False) -> Any:
@@ -96,7 +120,7 @@ def open_image(image: Any, *, where: str = "", allow_remote: bool = False) -> An
         return image
     if isinstance(image, dict):
         if image.get("bytes"):
-            return _decode_image(image["bytes"], "the embedded image", where)
+            return _decode_image(_embedded_bytes(image["bytes"], where), "the embedded image", where)
         image = image.get("path")
     if isinstance(image, Path):
         image = str(image)
@@ -125,263 +149,6 @@ def open_image(image: Any, *, where: str = "", allow_remote: bool = False) -> An
     return _decode_image(path.read_bytes(), str(path), where)
 
 
-# -- record sources: raw records by index, and where each comes from ----------------
-
-
-class _JsonLinesSource:
-    """A JSONL file: one record per non-blank line, found by byte offset."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.starts = array("q")
-        self.lines = array("q")
-        position = 0
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    self.starts.append(position)
-                    self.lines.append(number)
-                position += len(line)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def where(self, index: int) -> str:
-        return f"{self.path}:{self.lines[index]}"
-
-    def raw(self, index: int) -> Any:
-        # Opened per read: cheap next to decoding images, and safe in DataLoader worker processes.
-        with open(self.path, "rb") as f:
-            f.seek(self.starts[index])
-            return self._parse(f.readline(), index)
-
-    def iter_raw(self, count: int):
-        """``(index, record or DataError)`` of the first ``count`` records, reading the file once."""
-        with open(self.path, "rb") as f:
-            for index in range(count):
-                f.seek(self.starts[index])
-                try:
-                    yield index, self._parse(f.readline(), index)
-                except DataError as exc:
-                    yield index, exc
-
-    def _parse(self, line: bytes, index: int) -> Any:
-        try:
-            return json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            detail = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
-            raise DataError(f"{self.where(index)}: not valid JSON: {detail}") from exc
-
-
-class _JsonArraySource:
-    """A JSON array: the text is scanned once for element boundaries, elements are parsed on access.
-
-    A broken element cannot be stepped over (where the next one starts is unknown), so a
-    malformed array is an error whatever ``on_bad_record`` says.
-    """
-
-    def __init__(self, path: Path, text: str):
-        self.path = path
-        self.text = text
-        self.starts = array("q")
-        self.ends = array("q")
-        self.lines = array("q")
-        decoder = json.JSONDecoder()
-        index = _WHITESPACE.match(text, 0).end() + 1  # past '['
-        line, counted = 1, 0
-        while True:
-            index = _WHITESPACE.match(text, index).end()
-            if index < len(text) and text[index] == "]" and not self.starts:
-                break
-            line += text.count("\n", counted, index)
-            counted = index
-            try:
-                _, end = decoder.raw_decode(text, index)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from exc
-            self.starts.append(index)
-            self.ends.append(end)
-            self.lines.append(line)
-            index = _WHITESPACE.match(text, end).end()
-            if index < len(text) and text[index] == ",":
-                index += 1
-                continue
-            if index < len(text) and text[index] == "]":
-                break
-            line += text.count("\n", counted, index)
-            raise DataError(f"{path}:{line}: not valid JSON: expected ',' or ']' after record {len(self.starts)}")
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def where(self, index: int) -> str:
-        return f"{self.path}:{self.lines[index]}"
-
-    def raw(self, index: int) -> Any:
-        return json.loads(self.text[self.starts[index] : self.ends[index]])
-
-    def iter_raw(self, count: int):
-        return ((index, self.raw(index)) for index in range(count))
-
-
-class _HFDiskSource:
-    """A ``datasets`` save_to_disk directory (memory-mapped Arrow; rows decoded on access)."""
-
-    def __init__(self, path: Path):
-        try:
-            import datasets
-        except ImportError as exc:
-            raise DataError(f"{path} is a datasets save_to_disk directory, which needs the datasets package",
-                            hint="pip install datasets") from exc  # fmt: skip
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            raise DataError(f"{path}: cannot load the datasets directory: {exc}") from exc
-        if isinstance(loaded, datasets.DatasetDict):
-            splits = list(loaded)
-            split = "train" if "train" in loaded else splits[0] if len(splits) == 1 else None
-            if split is None:
-                raise DataError(f"{path} holds the splits {', '.join(splits)} but no 'train' split",
-                                hint="point dataset at the split's own directory")  # fmt: skip
-            loaded = loaded[split]
-        self.path = path
-        self.dataset = loaded
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def where(self, index: int) -> str:
-        return f"{self.path} row {index}"
-
-    def raw(self, index: int) -> Any:
-        return self.dataset[index]
-
-    def iter_raw(self, count: int):
-        """Rows with image columns left as stored (``{"bytes", "path"}``): checking needs no decoding."""
-        import datasets
-
-        rows = self.dataset.select(range(count)) if count < len(self.dataset) else self.dataset
-        for name, feature in rows.features.items():
-            if isinstance(feature, datasets.Image):
-                rows = rows.cast_column(name, datasets.Image(decode=False))
-            elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images
-                rows = rows.cast_column(name, type(feature)(datasets.Image(decode=False)))
-        return enumerate(rows)
-
-
-def _open_source(path: Path, fmt: str | None):
-    if fmt == "hf-disk" or path.is_dir():
-        return _HFDiskSource(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:].lstrip()
-    if head.startswith(b"["):
-        # A JSON array is one document: it has to be read whole once to find its records.
-        return _JsonArraySource(path, path.read_text(encoding="utf-8-sig"))
-    return _JsonLinesSource(path)
-
-
-# -- records -> samples ----------------------------------------------------------------
-
-
-def _role(value: Any, where: str, i: int) -> str:
-    role = ROLE_ALIASES.get(value, value) if isinstance(value, str) else value
-    if role not in ROLES:
-        raise DataError(f"{where}: message {i} has role {value!r}; expected system, user or assistant")
-    return role
-
-
-def _content_text(content: Any, where: str, i: int) -> tuple[str, list[Any], int]:
-    """A message content as text with ``<image>`` tags: (text, images named inline, bare image parts)."""
-    if isinstance(content, str):
-        return content, [], 0
-    if content is None:
-        return "", [], 0
-    if not isinstance(content, list):
-        kind = type(content).__name__
-        raise DataError(f"{where}: message {i} content must be a string or a list of parts, got {kind}")
-    pieces: list[str] = []
-    inline: list[Any] = []
-    bare = 0
-    for part in content:
-        if isinstance(part, str):
-            pieces.append(part)
-            continue
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            pieces.append(part.get("text") or "")
-        elif kind in ("image", "image_url"):
-            pieces.append(IMAGE_TAG)
-            source = part.get("image") or part.get("url") or part.get("path") or part.get("image_url")
-            if isinstance(source, dict):
-                source = source.get("url")
-            if source is None:
-                bare += 1
-            else:
-                inline.append(source)
-        else:
-            raise DataError(f"{where}: message {i} has a content part of type {kind!r}; expected text or image")
-    return "".join(pieces), inline, bare
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
-
-
-def messages_sample(record: dict, where: str) -> tuple[list[dict[str, str]], list[Any], dict[str, Any]]:
-    """(messages, image references, other columns) of a ``messages`` record."""
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    listed = _as_list(record.get("images"))
-    out, inline, bare = [], [], 0
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content', got {message!r}")
-        text, named, unnamed = _content_text(message.get("content"), where, i)
-        out.append({"role": _role(message.get("role"), where, i), "content": text})
-        inline += named
-        bare += unnamed
-    if inline and (listed or bare):
-        raise DataError(f"{where}: images are named both inside the messages and in 'images' (or by bare image parts)",
-                        hint="name every image in one place")  # fmt: skip
-    columns = {k: v for k, v in record.items() if k not in ("messages", "images")}
-    return out, inline or listed, columns
-
-
-def llava_instruct_sample(record: dict, where: str) -> tuple[list[dict[str, str]], list[Any], dict[str, Any]]:
-    """(messages, image references, other columns) of a LLaVA-Instruct record."""
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} objects")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise DataError(f"{where}: conversation turn {i} must be {{'from': human|gpt, 'value': str}}, got {turn!r}")
-        messages.append({"role": _role(turn.get("from"), where, i), "content": turn["value"]})
-    columns = {k: v for k, v in record.items() if k not in ("conversations", "image")}
-    return messages, _as_list(record.get("image")), columns
-
-
-def _record_format(record: Any, where: str, declared: str | None) -> Callable:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    if declared == "messages" or (declared != "llava-instruct" and "messages" in record):
-        return messages_sample
-    if declared == "llava-instruct" or "conversations" in record:
-        return llava_instruct_sample
-    raise DataError(f"{where}: the record has neither 'messages' nor 'conversations' (keys: {', '.join(record)})",
-                    hint="use the messages format or LLaVA-Instruct's; see vistune.data.readers")  # fmt: skip
-
-
 # -- the dataset -------------------------------------------------------------------------
 
 
@@ -399,7 +166,7 @@ class RecordDataset(Sequence):
         self,
         source: Any,
         *,
-        format: str | None = None,
+        reader: RecordReader,
         image_roots: Sequence[Path] = (),
         on_bad_record: str = "error",
         allow_remote_images: bool = False,
@@ -409,10 +176,10 @@ class RecordDataset(Sequence):
         if on_bad_record not in ON_BAD_RECORD:
             raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
         self._source = source
-        self.format = format if format in FORMATS else None
-        data_dir = source.path if source.path.is_dir() else source.path.parent
+        self.reader = reader
+        data_dir = [source.image_root] if source.image_root is not None else []
         #: Where relative image paths are looked for, in order.
-        self.image_roots = tuple(dict.fromkeys([*(Path(p) for p in image_roots), data_dir]))
+        self.image_roots = tuple(dict.fromkeys([*(Path(p) for p in image_roots), *data_dir]))
         #: The only directories local images may come from (compared without following links,
         #: so a link the dataset's owner put inside its folder is followed).
         self.image_dirs = tuple(os.path.abspath(p) for p in (*self.image_roots, *allowed_image_dirs))
@@ -424,7 +191,8 @@ class RecordDataset(Sequence):
         self._known_bad: dict[int, str] = {}
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
+        """What the dataset is named by in messages: its file, directory or hub id."""
         return self._source.path
 
     def __len__(self) -> int:
@@ -460,7 +228,8 @@ class RecordDataset(Sequence):
 
     def _sample_parts(self, record: Any, where: str) -> tuple[list[dict[str, str]], list[Any], dict[str, Any]]:
         """(messages, image references, columns) of a raw record, its ``<image>`` tags counted."""
-        messages, image_refs, columns = _record_format(record, where, self.format)(record, where)
+        sample = self.reader.read(record, where)
+        messages, image_refs, columns = sample.messages, list(sample.images), dict(sample.columns)
         tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
         if tags != len(image_refs):
             raise DataError(f"{where}: {tags} {IMAGE_TAG} tag(s) but {len(image_refs)} image(s)",
@@ -489,6 +258,9 @@ class RecordDataset(Sequence):
             return path
         local = Path(path.removeprefix("file://")).expanduser()
         candidates = [local] if local.is_absolute() else [root / local for root in self.image_roots]
+        if not candidates:
+            raise DataError(f"{where}: image {_clip(path)!r} is a relative path, and {self.path} has no folder to "
+                            "find it in", hint="give images as bytes, URLs or absolute paths")  # fmt: skip
         for candidate in candidates:
             normal = os.path.abspath(candidate)
             if not any(normal == d or normal.startswith(d.rstrip(os.sep) + os.sep) for d in self.image_dirs):
@@ -580,6 +352,48 @@ def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
+def registered_formats() -> Registry[DataFormat]:
+    """The data formats the process's plugins register."""
+    from vistune.plugins import get_plugin_manager
+
+    return get_plugin_manager().registries.formats
+
+
+def _format(formats: Registry[DataFormat], name: str, field: str) -> DataFormat:
+    if name not in formats:
+        raise DataError(f"{field}: {formats.unknown_message(name)}", hint="`vistune list formats` shows them all")
+    return formats.get(name)
+
+
+def _detected_source(formats: Registry[DataFormat], location: str) -> DataFormat | None:
+    """The one source format whose ``detect_source`` claims ``location`` (a path or a hub id), if any."""
+    claims = [f for f in formats if f.detect_source is not None and load_ref(f.detect_source)(location)]
+    if len(claims) > 1:
+        names = " and ".join(repr(f.name) for f in claims)
+        raise DataError(f"{location} could be opened by the data formats {names}",
+                        hint="register the dataset with the format it is in")  # fmt: skip
+    return claims[0] if claims else None
+
+
+def open_source(location: DatasetLocation, formats: Registry[DataFormat]) -> Any:
+    """The record source of a located dataset: its source format's, or its JSON/JSONL file."""
+    if not location.found:
+        raise DataError(f"dataset not found: {location.how}", hint=location.hint)
+    named = str(location.data_file)
+    declared = formats.get(location.format) if location.format in formats else None
+    if declared is not None and declared.is_source:
+        return load_ref(declared.open_source)(named)
+    path = Path(location.data_file)
+    if not path.exists():
+        raise DataError(f"{path} does not exist", hint=location.hint)
+    detected = _detected_source(formats, named)
+    if detected is not None:
+        return load_ref(detected.open_source)(named)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory that no data format opens", hint="point dataset at a JSON/JSONL file")
+    return open_records_file(path)
+
+
 def read_dataset(
     location: DatasetLocation,
     *,
@@ -587,30 +401,42 @@ def read_dataset(
     allow_remote_images: bool = False,
     max_samples: int | None = None,
     allowed_image_dirs: Sequence[str | os.PathLike] = (),
+    record_format: str | None = None,
+    formats: Registry[DataFormat] | None = None,
 ) -> RecordDataset:
     """Open the records of a located dataset, lazily.
 
-    :param location: from :func:`vistune.data.locate.locate_dataset`; its ``format``
-        (``messages``, ``llava-instruct``, ``hf-disk``, or ``records``/``None`` to tell
-        apart per record) and ``image_dir`` are used.
+    :param location: from :func:`vistune.data.locate.locate_dataset`; its ``format`` (a
+        registered record or source format, or ``records``/``None`` to detect both) and
+        ``image_dir`` are used.
     :param on_bad_record: ``"error"`` raises on a broken record or missing image;
         ``"skip"`` counts it and reads the next good record instead.
     :param allow_remote_images: open ``http(s)://`` image URLs (else they are an error).
     :param max_samples: use only the first records.
     :param allowed_image_dirs: directories besides the dataset's own folder and image
         directory that local images may come from.
-    :raises DataError: when the dataset is not found or its file cannot be indexed.
+    :param record_format: the record format every record is in (the config's
+        ``dataset_format``); by default the location's, or detected record by record.
+    :param formats: the registered data formats (default: the process's plugins').
+    :raises DataError: when the dataset is not found, its file cannot be indexed, or a
+        format named is not registered.
     """
-    if not location.found:
-        raise DataError(f"dataset not found: {location.how}", hint=location.hint)
-    path = Path(location.data_file)
-    if not path.exists():
-        raise DataError(f"{path} does not exist", hint=location.hint)
-    source = _open_source(path, location.format)
+    formats = registered_formats() if formats is None else formats
+    declared = None
+    if record_format:
+        declared = _format(formats, record_format, "dataset_format")
+        if declared.read is None:
+            raise DataError(f"dataset_format: {record_format!r} opens datasets but reads no records",
+                            hint="name a record format (`vistune list formats`), or leave dataset_format unset")  # fmt: skip
+    elif location.format in formats and formats.get(location.format).read is not None:
+        declared = formats.get(location.format)
+    elif location.format not in (None, "records") and location.format not in formats:
+        _format(formats, location.format, f"dataset {location.spec.name if location.spec else location.data_file}")
+    source = open_source(location, formats)
     roots = [location.image_dir] if location.image_dir else []
     return RecordDataset(
         source,
-        format=location.format,
+        reader=RecordReader(list(formats), declared),
         image_roots=roots,
         on_bad_record=on_bad_record,
         allow_remote_images=allow_remote_images,
@@ -620,7 +446,10 @@ def read_dataset(
 
 
 def read_records_file(path: str | os.PathLike, **options: Any) -> RecordDataset:
-    """:func:`read_dataset` for a local JSON/JSONL file or datasets directory (images relative to it)."""
+    """:func:`read_dataset` for a local JSON/JSONL file or datasets directory (images relative to it).
+
+    ``options`` are :func:`read_dataset`'s.
+    """
     path = Path(path)
     image_dir = path if path.is_dir() else path.parent
     return read_dataset(DatasetLocation(path, image_dir, None, how="local path"), **options)

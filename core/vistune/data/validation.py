@@ -33,7 +33,7 @@ def read_validated(location: DatasetLocation, config: Any, *, log: Callable[[str
     """The dataset at ``location``, opened with ``config``'s data options and every record checked.
 
     :param config: the run's config (``on_bad_record``, ``allow_remote_images``,
-        ``max_samples``, ``allowed_image_dirs``).
+        ``max_samples``, ``allowed_image_dirs``, ``dataset_format``).
     :param log: where the line about skipped records goes (None: nowhere).
     :raises DataError: listing the bad records (``on_bad_record: error``), or when every
         record is bad.
@@ -44,6 +44,7 @@ def read_validated(location: DatasetLocation, config: Any, *, log: Callable[[str
         allow_remote_images=config.allow_remote_images,
         max_samples=config.max_samples,
         allowed_image_dirs=config.allowed_image_dirs,
+        record_format=config.dataset_format,
     )
     started = time.monotonic()
     bad = records.validate()
