@@ -322,14 +322,39 @@ def test_refused_before_the_model_loads(tmp_path, text_data, tiny_llama, capsys,
     assert message in capsys.readouterr().err
 
 
+RANKED_REWARD = '''
+import json, os
+
+def ranked(prompts, completions, **columns):
+    """The process's rank plus a length score, logged per call: each process's mean differs, so a merge shows."""
+    rank = int(os.environ["RANK"])
+    scores = [rank + min(len(c.split()), 5) / 5 for c in completions]
+    with open(os.path.join({log_dir!r}, f"scores.rank{{rank}}.jsonl"), "a") as log:
+        log.write(json.dumps(scores) + "\\n")
+    return scores
+'''
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_log_the_same_merged_metrics(tmp_path, text_data, tiny_llama):
+    """Both processes log every step, and what they log is the two processes' rollouts together."""
+    (tmp_path / "ranked.py").write_text(RANKED_REWARD.format(log_dir=str(tmp_path)))
     out = run_rl(tmp_path, "ddp", model=str(tiny_llama), dataset=str(text_data), max_steps=2, gpu_num=2,
-                 algorithm="dapo", rewards=[f"{tmp_path / 'my_rewards.py'}:length"])  # fmt: skip
+                 algorithm="grpo", rewards=[f"{tmp_path / 'ranked.py'}:ranked"])  # fmt: skip
     main_records = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
     other_records = [r for r in read_metrics(out / "metrics.rank1.jsonl") if "reward" in r]
-    assert len(main_records) == 2
+    assert [r["step"] for r in main_records] == [r["step"] for r in other_records] == [1, 2]
     for mine, theirs in zip(main_records, other_records):
-        for key in ("reward", "completion_length/max", "completion_length/min", "filtered_groups"):
-            assert mine[key] == theirs[key], key
+        assert set(mine) == set(theirs)
+        for key in ("reward", "reward/ranked:ranked", "completion_length/mean", "completion_length/max",
+                    "completion_length/min", "loss"):  # fmt: skip
+            assert mine[key] == pytest.approx(theirs[key]), key
+    # each process scored one rollout per step: 2 prompts x 3 completions, rank 0 in [0, 1], rank 1 in [1, 2]
+    calls = {rank: [json.loads(line) for line in (tmp_path / f"scores.rank{rank}.jsonl").read_text().splitlines()]
+             for rank in (0, 1)}  # fmt: skip
+    assert [len(c) for c in calls[0]] == [len(c) for c in calls[1]] == [6, 6]
+    for step, record in enumerate(main_records):
+        means = [sum(calls[rank][step]) / 6 for rank in (0, 1)]
+        assert record["reward"] == pytest.approx(sum(means) / 2)  # not one process's own mean
+        assert means[0] < 1 <= means[1]
     assert (out / "adapter_model.safetensors").is_file()
