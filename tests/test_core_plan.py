@@ -209,6 +209,14 @@ def test_hub_ids_online_are_downloaded_by_the_run_not_the_plan(llava, pm, tmp_pa
     assert cached.model_download is None and cached.model_dir == snapshot and cached.model_type.name == "causal-lm"
 
 
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(pm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    plan = plan_for(pm, tmp_path, "model: models/llava-typo\n", "infer", "--dataset", "shapes-captions")
+    assert plan.model_download is None
+    assert "'models/llava-typo' is neither a local directory nor a registered alias" in problems_by_field(plan)["model"][0]
+
+
 def test_unknown_names_are_problems_with_suggestions(pm, tmp_path):
     plan = plan_for(pm, tmp_path, "model: nowhere\nadapter: lroa\nbackend: transformer\n", "rl", "--rewards", "[]")
     problems = problems_by_field(plan)

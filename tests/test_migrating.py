@@ -81,3 +81,15 @@ def test_reward_examples_are_called_as_their_tools_call_them(tmp_path):
     columns = {"solution": ["4", "4"], "completion_ids": [[1], [2]], "trainer_state": None}
     assert call_reward(length.function, prompts, completions, **columns) == [-19, -16]
     assert call_reward(accuracy.function, prompts, completions, **columns) == [1.0, 0.0]
+
+
+def test_other_tools_key_names_are_listed_in_the_guide_and_in_help(capsys):
+    from vistune.cli import main
+    from vistune.config import KEY_ALIASES
+
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    help_text = capsys.readouterr().out
+    for alias, name in KEY_ALIASES.items():
+        assert f"`--{alias}`" in GUIDE
+        assert f"{alias} (= {name})" in help_text

@@ -32,7 +32,7 @@ TASK_HELP = {
 
 
 def _config_keys_help(task: str) -> str:
-    from vistune.config import FIELDS, default_value
+    from vistune.config import FIELDS, KEY_ALIASES, default_value
     from vistune.options import options_help
     from vistune.plugins import get_plugin_manager
 
@@ -42,6 +42,8 @@ def _config_keys_help(task: str) -> str:
         choices = f" [{'|'.join(map(str, meta['choices']))}]" if meta["choices"] else ""
         default = default_value(name)
         lines.append(f"  {name}{choices}: {meta['help']} (default {default if default is not None else '-'})")
+    aliases = ", ".join(f"{alias} (= {name})" for alias, name in KEY_ALIASES.items())
+    lines.append(f"  also accepted under the names other tools use: {aliases}")
     try:
         plugin_lines = options_help(get_plugin_manager().registries, task)
     except VistuneError as exc:  # a broken plugin in strict mode: the core keys are still worth showing

@@ -226,7 +226,8 @@ def _resolve_model(plan: Plan, pm: PluginManager) -> None:
     elif path.is_dir():
         plan.model_dir = path
         plan.lines.append(("model", str(path)))
-    elif not path.exists() and looks_like_repo_id(config.model):
+    # owner/name whose owner is no local folder (a folder would make it a mistyped local path)
+    elif not path.exists() and looks_like_repo_id(config.model) and not path.parent.is_dir():
         local = Path(config.model_path).expanduser() if config.model_path else None
         cached = hf_cache_snapshot(config.model)
         if local is not None and not (local / "config.json").is_file():
