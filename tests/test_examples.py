@@ -66,3 +66,40 @@ def test_trl_style_reward_file_scores_as_trl_calls_it(monkeypatch):
     columns = {"answer": ["red circle", "blue square"], "completion_ids": [[1], [2]], "trainer_state": None}
     assert call_reward(reward_len.function, prompts, completions, **columns) == [-17 / 20, 0.0]
     assert call_reward(form.function, prompts, completions, **columns) == [1.0, 0.0]
+
+
+def shapes_with_answers(directory: Path) -> Path:
+    """The shapes records with the question as the last turn and the caption as an ``answer`` column."""
+    import json
+
+    from vistune.demo.shapes import write_split
+
+    data = write_split(directory, "train", count=4)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    for record in records:
+        record["answer"] = record["messages"].pop()["content"]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return data
+
+
+@pytest.mark.slow
+def test_sft_and_grpo_examples_run_on_tiny_models(tiny_llava, tiny_qwen2_vl, tmp_path, monkeypatch):
+    """The SFT and GRPO examples as written, shrunk only in model, data, steps and lengths, train on CPU."""
+    from vistune.demo.shapes import write_split
+    from vistune.training.metrics import read_metrics
+
+    monkeypatch.chdir(ROOT)
+    cpu = ["--device", "cpu", "--dtype", "float32", "--max_steps", "2", "--gradient_accumulation_steps", "1",
+           "--per_device_batch_size", "2", "--report_to", "[jsonl]"]  # fmt: skip
+    sft_out = tmp_path / "sft"
+    data = write_split(tmp_path / "sft-data", "train", count=4)
+    assert main(["sft", "--config", "examples/sft_lora_llava.yaml", "--model", str(tiny_llava), "--dataset", str(data),
+                 "--eval_dataset", str(data), "--output_dir", str(sft_out), *cpu]) == 0  # fmt: skip
+    assert (sft_out / "adapter_config.json").is_file() and (sft_out / "adapter_model.safetensors").is_file()
+    rl_out = tmp_path / "rl"
+    rl_data = shapes_with_answers(tmp_path / "rl-data")
+    assert main(["rl", "--config", "examples/grpo_qwen2_vl.yaml", "--model", str(tiny_qwen2_vl), "--dataset",
+                 str(rl_data), "--output_dir", str(rl_out), "--num_generations", "2", "--max_completion_length", "4",
+                 *cpu]) == 0  # fmt: skip
+    logged = {key for record in read_metrics(rl_out / "metrics.jsonl") for key in record}
+    assert {"reward/bleu", "reward/rewards:format_reward", "reward/rewards:reward_len"} <= logged, logged
