@@ -457,3 +457,33 @@ def test_readme_shows_one_record_of_each_format_that_reads_as_that_format(plugin
         sample = reader.read(record, "README")
         tags = sum(m["content"].count("<image>") for m in sample.messages)
         assert tags == len(sample.images), name
+
+
+# -- PLUGINS.md's example, executed --------------------------------------------------------------------
+
+
+def test_plugins_md_data_format_example_registers_detects_and_passes_its_own_test(tmp_path, monkeypatch,
+                                                                                   register_plugin, plugin_manager):  # fmt: skip
+    import sys
+    import types
+
+    guide = (ROOT / "PLUGINS.md").read_text()
+    section = re.search(r"^### vistune_register_data_formats\n(.*?)^#{1,3} ", guide, re.MULTILINE | re.DOTALL).group(1)
+    blocks = re.findall(r"^```python\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    plugin_code, test_code = blocks[1], blocks[2]
+    package = types.ModuleType("vistune_vqa")
+    package.__path__ = []
+    module = types.ModuleType("vistune_vqa.formats")
+    monkeypatch.setitem(sys.modules, "vistune_vqa", package)
+    monkeypatch.setitem(sys.modules, "vistune_vqa.formats", module)
+    exec(compile(plugin_code, "PLUGINS.md vistune_vqa/formats.py", "exec"), module.__dict__)
+    assert register_plugin(module).registered == {"formats": ["vqa"]}
+    namespace: dict = {}
+    exec(compile(test_code, "PLUGINS.md tests/test_vqa.py", "exec"), namespace)
+    namespace["test_vqa_format"](plugin_manager, tmp_path)
+    png(tmp_path / "bus.jpg")
+    path = write_jsonl(tmp_path / "vqa.jsonl", [{"question": "What colour?", "answer": "Red.", "image": "bus.jpg",
+                                                  "question_id": 7}, {"question": "No picture?", "answer": "No."}])  # fmt: skip
+    records = read_validated(DatasetLocation(path, path.parent, None), config(on_bad_record="skip"), log=None)
+    assert records.known_bad == {1: f"{path}:2: 'image' must name the picture the question is about"}
+    assert records[0].columns == {"question_id": 7} and records[0].images[0].size == (8, 6)

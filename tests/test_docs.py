@@ -64,7 +64,8 @@ def test_every_python_example_compiles():
 
 
 @pytest.mark.parametrize("spec_class", [specs.ModelType, specs.ModelAlias, specs.Template, specs.Adapter,
-                                        specs.Algorithm, specs.Reward, specs.Backend, specs.Dataset])  # fmt: skip
+                                        specs.Algorithm, specs.Reward, specs.Backend, specs.Dataset,
+                                        specs.DataFormat])  # fmt: skip
 def test_every_spec_field_is_documented(spec_class):
     text = section(spec_class.__name__)
     documented = re.findall(r"^\| `(\w+)` \|", text, re.MULTILINE)
