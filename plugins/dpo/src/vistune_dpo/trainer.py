@@ -117,6 +117,7 @@ class PreferenceTrainer(VistuneTrainer):
         #: rejected), when precomputed.
         self.precomputed: dict[str, Any] = {}
         self._logged: dict[str, list[float]] = defaultdict(list)
+        self._images_trainable: bool | None = None
         super().__init__(*args, **kwargs)
         # the loss is a mean per micro-batch: the Trainer divides it by the accumulation steps
         self.model_accepts_loss_kwargs = False
@@ -161,11 +162,19 @@ class PreferenceTrainer(VistuneTrainer):
         return (loss, {}) if return_outputs else loss
 
     def _reuse(self, features: Any) -> Any:
-        """Policy image features the reference can reuse: those no trainable weight produced."""
-        if features is None:
+        """The policy's image features when the reference computes the same: no trainable weight made them.
+
+        (Their ``requires_grad`` cannot tell: input-gradient hooks set it on frozen towers too.)
+        """
+        if features is None or self.ref_model is not None:
             return None
-        pooled = list(features.pooler_output)
-        return features if not any(t.requires_grad for t in pooled) else None
+        if self._images_trainable is None:
+            spec = self.model_type
+            prefixes = tuple(getattr(spec, "vision_tower", ())) + tuple(getattr(spec, "projector", ()))
+            base = unwrap(self.model)
+            self._images_trainable = not prefixes or any(
+                p.requires_grad for name, p in base.named_parameters() if name.startswith(prefixes))
+        return None if self._images_trainable else features
 
     def _paired_loss(self, model, inputs):
         features = image_features(model, inputs)
@@ -178,7 +187,7 @@ class PreferenceTrainer(VistuneTrainer):
                 reference = SequenceLogps(torch.cat([ref[:, 0], ref[:, 1]]), policy.counts)
             else:
                 with torch.no_grad(), self.reference() as ref_model:
-                    shared = self._reuse(features) if self.ref_model is None else None
+                    shared = self._reuse(features)
                     reference = self._paired_logps(ref_model, inputs, shared)
         return self.objective.loss(policy, reference)
 
@@ -189,7 +198,7 @@ class PreferenceTrainer(VistuneTrainer):
         with torch.no_grad():
             kl_policy = sequence_logps(model, inputs["kl_input_ids"], inputs["kl_attention_mask"], inputs["kl_labels"], extra)
             with self.reference() as ref_model:
-                shared = self._reuse(features) if self.ref_model is None else None
+                shared = self._reuse(features)
                 ref_extra = image_inputs(ref_model, inputs, copies=1,
                                          features=shared if shared is not None else image_features(ref_model, inputs))  # fmt: skip
                 reference = sequence_logps(ref_model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],

@@ -1,0 +1,76 @@
+"""Shared by the preference plugin's tests: a tiny Llava whose answers end with ``</s>``, pairs of shapes, trainers."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+
+#: Vicuna turns as LLaVA was trained on them: every answer ends with ``</s>`` and nothing follows it, so the
+#: tokens TRL counts as the completion and those vistune's template labels are the same.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + '</s>' }}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+#: (colour, shape, wrong caption) of the test pairs.
+PAIRS = [("red", "circle", "a blue circle"), ("green", "square", "a green cross"),
+         ("blue", "triangle", "a red triangle"), ("yellow", "cross", "a yellow circle")]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def llava_eos(tiny_llava, tmp_path_factory):
+    """The tiny Llava with a chat template whose answers end with ``</s>``."""
+    directory = tmp_path_factory.mktemp("llava-eos") / "llava"
+    shutil.copytree(tiny_llava, directory)
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def shape_pairs(tmp_path_factory):
+    """``(directory, records)``: four preference pairs about generated shapes, their images in ``images/``."""
+    from vistune.demo.shapes import draw_shape
+
+    directory = tmp_path_factory.mktemp("pairs")
+    (directory / "images").mkdir()
+    rng = random.Random(0)
+    records = []
+    for i, (colour, shape, wrong) in enumerate(PAIRS):
+        draw_shape(colour, shape, rng).save(directory / "images" / f"{i}.png")
+        records.append({"prompt": [{"role": "user", "content": "What is in the picture?"}],
+                        "chosen": [{"role": "assistant", "content": f"a {colour} {shape}"}],
+                        "rejected": [{"role": "assistant", "content": wrong}],
+                        "images": [f"images/{i}.png"]})  # fmt: skip
+    return directory, records
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def vistune_trainer(model_dir, dataset, output_dir, algorithm="dpo", *overrides):
+    """The trainer ``vistune rl --algorithm ALGORITHM`` builds (same plan, same data path), not yet training."""
+    from vistune.config import load_config
+    from vistune.pipelines.rl import with_algorithm_defaults
+    from vistune.plan import make_plan
+    from vistune.plugins import get_plugin_manager
+    from vistune.specs import load_ref
+    from vistune_dpo.pipeline import build_trainer
+
+    args = ["--model", str(model_dir), "--dataset", str(dataset), "--algorithm", algorithm, "--device", "cpu",
+            "--dtype", "float32", "--output_dir", str(output_dir), "--template", "llava-checkpoint",
+            "--report_to", "[]", *overrides]  # fmt: skip
+    plan = make_plan(load_config(None, args, task="rl"), get_plugin_manager())
+    plan.raise_if_not_ready()
+    plan = with_algorithm_defaults(plan)
+    objective = load_ref(plan.algorithm.factory)(plan.config)
+    trainer, processor, _ = build_trainer(plan, objective)
+    return trainer, processor

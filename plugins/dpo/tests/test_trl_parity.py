@@ -1,0 +1,173 @@
+"""vistune's preference path against TRL's trainers on the same records of a tiny Llava: loss, gradients, metrics.
+
+vistune's side is what ``vistune rl --algorithm ...`` builds: the plan, the records read
+from a JSONL file, encoded by vistune's template, collated with the images once per
+pair, and the trainer's loss with the vision features shared by both answers.  TRL's
+side is TRL's own trainer on a ``datasets.Dataset`` of the same records with their
+images opened, its own collator (which processes every image twice) and its own loss.
+Both start from the same LoRA weights (vistune's, perturbed so that the policy differs
+from its reference) and compute one batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+trl = pytest.importorskip("trl")
+
+from conftest import vistune_trainer, write_jsonl  # noqa: E402
+
+BATCH = 4
+
+
+def perturb_lora(model, seed=0):
+    """Give the LoRA B matrices (zero at initialisation) random values, so the policy differs from its reference."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def opened(records, directory):
+    from PIL import Image
+
+    return [{**record, "images": [Image.open(directory / path).convert("RGB") for path in record["images"]]}
+            for record in records]  # fmt: skip
+
+
+def trl_twin(trainer_cls, config_cls, vistune_model, model_dir, processor, rows, tmp_path, **config):
+    """TRL's trainer on a fresh copy of the checkpoint with vistune's LoRA config and weights."""
+    from datasets import Dataset
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
+    args = config_cls(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=BATCH, bf16=False,
+                      gradient_checkpointing=False, report_to=[], max_length=None, use_cpu=True,
+                      **config)  # fmt: skip
+    peft_config = copy.deepcopy(vistune_model.peft_config["default"])
+    trainer = trainer_cls(model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
+                          peft_config=peft_config)  # fmt: skip
+    ours = dict(vistune_model.named_parameters())
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_" in name:
+                param.copy_(ours[name])
+    return trainer
+
+
+def lora_grads(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if "lora_" in name and p.grad is not None}
+
+
+def step(trainer, batch):
+    """One loss and its gradients, as a training step computes them."""
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
+    loss.backward()
+    return loss.detach(), lora_grads(model)
+
+
+def assert_same(ours, theirs, loss_tol=1e-5):
+    (loss, grads), (trl_loss, trl_grads) = ours, theirs
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=loss_tol)
+    assert grads.keys() == trl_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+def dpo_case(options):
+    """vistune's algorithm_options and the DPOConfig that computes the same loss in TRL 1.16.
+
+    TRL's ``sigmoid`` loss has no label smoothing; cDPO's ``-(1-e) log s(x) - e log s(-x)`` is
+    ``2(1-e) sigmoid - (1-2e) robust`` of TRL's own losses.  RPO is TRL's ``sft`` term added with
+    weight ``rpo_alpha``.
+    """
+    smoothing, alpha = options.get("label_smoothing", 0.0), options.get("rpo_alpha", 0.0)
+    losses, weights = ["sigmoid"], [1.0]
+    if smoothing:
+        losses, weights = ["sigmoid", "robust"], [2 * (1 - smoothing), -(1 - 2 * smoothing)]
+    if alpha:
+        losses, weights = [*losses, "sft"], [*weights, alpha]
+    return {"loss_type": losses, "loss_weights": weights, "label_smoothing": smoothing}
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2}, {"rpo_alpha": 0.5}], ids=["sigmoid", "cdpo", "rpo"])
+def test_dpo_matches_trl(options, llava_eos, shape_pairs, tmp_path):
+    directory, records = shape_pairs
+    data = write_jsonl(directory / "trl.jsonl", records)
+    overrides = ["--algorithm_options", str(options)] if options else []
+    trainer, processor = vistune_trainer(llava_eos, data, tmp_path / "out", "dpo", *overrides)
+    perturb_lora(trainer.model)
+    ours = step(trainer, trainer.data_collator([trainer.train_dataset[i] for i in range(BATCH)]))
+
+    twin = trl_twin(trl.DPOTrainer, trl.DPOConfig, trainer.model, llava_eos, processor, opened(records, directory),
+                    tmp_path, beta=0.1, **dpo_case(options))  # fmt: skip
+    theirs = step(twin, twin.data_collator([twin.train_dataset[i] for i in range(BATCH)]))
+    assert_same(ours, theirs)
+    assert ours[0].item() != pytest.approx(math.log(2), abs=1e-3)  # the policy is not its reference
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"):  # fmt: skip
+        assert trainer._logged[f"train:{key}"][-1] == pytest.approx(twin._metrics["train"][key][-1], rel=1e-4, abs=1e-5)
+
+
+def test_ms_swift_records_give_the_same_batch(llava_eos, shape_pairs, tmp_path):
+    """The same pairs written in ms-swift's layout (messages ending with the chosen answer) train identically."""
+    directory, records = shape_pairs
+    swift = [{"messages": [{"role": "user", "content": "<image>What is in the picture?"},
+                           {"role": "assistant", "content": r["chosen"][0]["content"]}],
+              "rejected_response": r["rejected"][0]["content"], "images": r["images"]} for r in records]  # fmt: skip
+    batches = []
+    for name, rows in (("trl.jsonl", records), ("swift.jsonl", swift)):
+        trainer, _ = vistune_trainer(llava_eos, write_jsonl(directory / name, rows), tmp_path / name, "dpo")
+        batches.append(trainer.data_collator([trainer.train_dataset[i] for i in range(BATCH)]))
+    assert batches[0].keys() == batches[1].keys()
+    for key in batches[0]:
+        torch.testing.assert_close(batches[0][key], batches[1][key])
+
+
+def test_images_go_through_the_vision_tower_once_per_pair(llava_eos, shape_pairs, tmp_path):
+    directory, records = shape_pairs
+    trainer, _ = vistune_trainer(llava_eos, write_jsonl(directory / "trl.jsonl", records), tmp_path / "out", "dpo")
+    perturb_lora(trainer.model)
+    seen = []
+    tower = trainer.model.get_base_model().model.vision_tower
+    handle = tower.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    try:
+        step(trainer, trainer.data_collator([trainer.train_dataset[i] for i in range(BATCH)]))
+    finally:
+        handle.remove()
+    # policy and reference (adapter disabled) share the features: the vision tower is frozen and has no adapter
+    assert seen == [BATCH]
+
+
+def unpaired(records):
+    rows = []
+    for record in records:
+        for answer, label in ((record["chosen"], True), (record["rejected"], False)):
+            rows.append({"prompt": record["prompt"], "completion": answer, "label": label, "images": record["images"]})
+    return rows
+
+
+def test_kto_matches_trl(llava_eos, shape_pairs, tmp_path):
+    directory, records = shape_pairs
+    rows = unpaired(records)[:BATCH]
+    data = write_jsonl(directory / "kto.jsonl", rows)
+    trainer, processor = vistune_trainer(llava_eos, data, tmp_path / "out", "kto",
+                                         "--algorithm_options", "{desirable_weight: 1.0, undesirable_weight: 1.5}")  # fmt: skip
+    perturb_lora(trainer.model)
+    ours = step(trainer, trainer.data_collator([trainer.train_dataset[i] for i in range(BATCH)]))
+
+    twin = trl_twin(trl.KTOTrainer, trl.KTOConfig, trainer.model, llava_eos, processor, opened(rows, directory),
+                    tmp_path, beta=0.1, desirable_weight=1.0, undesirable_weight=1.5)  # fmt: skip
+    theirs = step(twin, twin.data_collator([twin.train_dataset[i] for i in range(BATCH)]))
+    assert_same(ours, theirs)
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert trainer._logged[f"train:{key}"][-1] == pytest.approx(twin._metrics["train"][key][-1], rel=1e-4, abs=1e-5)
