@@ -15,6 +15,7 @@ DEFAULT_PLUGINS = {
     "adapters": {"adapters": ["dora", "full", "galore", "lora", "qlora"]},
     "transformers-backend": {"backends": ["transformers"]},
     "embedded-datasets": {"datasets": ["shapes-captions", "shapes-captions-eval"]},
+    "data-formats": {"formats": ["alpaca", "hf-disk", "hf-hub", "llava-instruct", "messages", "ms-swift", "sharegpt"]},
 }
 
 
@@ -30,7 +31,8 @@ def test_default_plugins_reference_code_that_exists(plugin_manager):
         for spec in registry:
             if registry.owner(spec.name).distribution != "vistune":
                 continue
-            for field in ("loader", "factory", "apply", "merge", "builder"):
+            for field in ("loader", "factory", "apply", "merge", "builder", "read", "detect", "open_source",
+                          "detect_source"):
                 ref = getattr(spec, field, None)
                 if isinstance(ref, str):
                     try:

@@ -487,3 +487,43 @@ def test_plugins_md_data_format_example_registers_detects_and_passes_its_own_tes
     records = read_validated(DatasetLocation(path, path.parent, None), config(on_bad_record="skip"), log=None)
     assert records.known_bad == {1: f"{path}:2: 'image' must name the picture the question is about"}
     assert records[0].columns == {"question_id": 7} and records[0].images[0].size == (8, 6)
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+
+
+def test_dry_run_names_the_format_and_refuses_an_unknown_dataset_format(tiny_llama, tmp_path, capsys):
+    import yaml
+
+    from vistune.cli import main
+
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"model": str(tiny_llama), "dataset": "someorg/captions:test", "device": "cpu",
+                                   "dataset_format": "sharegpt", "output_dir": str(tmp_path / "out")}))  # fmt: skip
+    assert main(["sft", "--config", str(run), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "someorg/captions:test -> someorg/captions:test  (opened as hf-hub when the run starts; format: sharegpt)" in out
+    run.write_text(run.read_text().replace("sharegpt", "share-gpt"))
+    assert main(["sft", "--config", str(run), "--dry-run"]) == 2
+    out = capsys.readouterr().out
+    line = run.read_text().splitlines().index("dataset_format: share-gpt") + 1
+    assert f"{run}:{line}: dataset_format: unknown formats 'share-gpt' (did you mean 'sharegpt'?)" in out
+    run.write_text(run.read_text().replace("share-gpt", "hf-disk"))
+    assert main(["sft", "--config", str(run), "--dry-run"]) == 2
+    assert "dataset_format: 'hf-disk' opens datasets but reads no records" in capsys.readouterr().out
+
+
+def test_a_dataset_of_a_format_no_plugin_registers_is_a_plugin_problem(register_plugin):
+    class Plugin:
+        @hookimpl
+        def vistune_register_datasets(self, register):
+            register(Dataset("parquet-data", format="parquet", data_file="train.parquet"))
+
+    info = register_plugin(Plugin(), allow_errors=True)
+    assert info.errors == []  # registration alone cannot know what later plugins register
+    from vistune.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    manager.check_references()
+    assert any("registers dataset 'parquet-data' in the data format 'parquet', which no loaded plugin registers" in e
+               for e in manager.infos[info.name].errors)  # fmt: skip

@@ -126,6 +126,8 @@ def _describe(kind: str, spec) -> dict:
                  "vision": spec.is_vision, "packing": spec.supports_packing}  # fmt: skip
     elif kind == "checkpoints":
         data |= {"model_type": spec.model_type, "hf_repo_id": spec.hf_repo_id, "env_var": spec.env_var}
+    elif kind == "formats":
+        data |= {"reads": "datasets" if spec.is_source else "records", "fields": list(spec.fields)}
     elif kind == "datasets":
         data |= {"format": spec.format, "hf_repo_id": spec.hf_repo_id, "env_var": spec.env_var,
                  "generated": spec.builder is not None}  # fmt: skip

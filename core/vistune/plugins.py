@@ -134,12 +134,18 @@ class PluginManager:
         self.check_references()
 
     def check_references(self) -> None:
-        """Report specs that name what no loaded plugin registers (an alias's model type, a default template)."""
+        """Report specs that name what no loaded plugin registers (an alias's model type, a default template,
+        a dataset's format)."""
         registries = self.registries
         for alias in registries.checkpoints:
             if alias.model_type not in registries.models:
                 self._fail_spec(registries.checkpoints.owner(alias.name).plugin,
                                 f"registers checkpoint {alias.name!r} of model type {alias.model_type!r}, "
+                                f"which no loaded plugin registers")  # fmt: skip
+        for dataset in registries.datasets:
+            if dataset.format != "records" and dataset.format not in registries.formats:
+                self._fail_spec(registries.datasets.owner(dataset.name).plugin,
+                                f"registers dataset {dataset.name!r} in the data format {dataset.format!r}, "
                                 f"which no loaded plugin registers")  # fmt: skip
         for model_type in registries.models:
             if model_type.default_template not in registries.templates:
