@@ -8,10 +8,11 @@ import shutil
 
 import pytest
 
-#: Vicuna turns as LLaVA was trained on them: every answer ends with ``</s>`` and nothing follows it, so the
-#: tokens TRL counts as the completion and those vistune's template labels are the same.
+#: Vicuna turns as LLaVA was trained on them: ``<s>`` first, every answer ends with ``</s>`` and nothing follows
+#: it, so the tokens TRL counts as the completion and those vistune's template labels are the same (and TRL's
+#: text trainers, which add a BOS where there is none, see the same sequence).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
     "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ content['text'] + ' ' }}{% endfor %}{% else %}{% for content in message['content'] | "

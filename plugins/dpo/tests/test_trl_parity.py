@@ -171,3 +171,53 @@ def test_kto_matches_trl(llava_eos, shape_pairs, tmp_path):
     assert_same(ours, theirs)
     for key in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert trainer._logged[f"train:{key}"][-1] == pytest.approx(twin._metrics["train"][key][-1], rel=1e-4, abs=1e-5)
+
+
+def text_pairs(records):
+    """The pairs without their images, contents as text parts (the chat template reads parts)."""
+
+    def parts(messages):
+        return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+
+    return [{"prompt": parts(r["prompt"]), "chosen": parts(r["chosen"]), "rejected": parts(r["rejected"])}
+            for r in records]  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ["orpo", "simpo"])
+def test_orpo_and_simpo_match_trl(algorithm, llava_eos, shape_pairs, tmp_path):
+    """Against ``trl.experimental``'s ORPOTrainer and CPOTrainer (loss_type simpo), which take text records only."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    directory, records = shape_pairs
+    rows = text_pairs(records)
+    options = ["--beta", "0.5"] if algorithm == "orpo" else ["--algorithm_options", "{gamma: 0.8}"]
+    trainer, processor = vistune_trainer(llava_eos, write_jsonl(tmp_path / "text.jsonl", rows), tmp_path / "out",
+                                         algorithm, *options)  # fmt: skip
+    perturb_lora(trainer.model)
+    ours = step(trainer, trainer.data_collator([trainer.train_dataset[i] for i in range(BATCH)]))
+
+    tokenizer = processor.tokenizer
+    tokenizer.chat_template = processor.chat_template
+    if algorithm == "orpo":
+        twin = trl_twin(ORPOTrainer, ORPOConfig, trainer.model, llava_eos, tokenizer, rows, tmp_path, beta=0.5)
+    else:
+        twin = trl_twin(CPOTrainer, CPOConfig, trainer.model, llava_eos, tokenizer, rows, tmp_path, beta=2.0,
+                        loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.8)  # fmt: skip
+    twin.model.train()
+    twin.model.zero_grad()
+    batch = twin._prepare_inputs(twin.data_collator([twin.train_dataset[i] for i in range(BATCH)]))
+    trl_loss, trl_metrics = twin.get_batch_loss_metrics(twin.model, batch)
+    if algorithm == "orpo":
+        # TRL's ORPO takes its NLL over prompt and answer; vistune's over the answer, as SFT (a VLM prompt is mostly
+        # image placeholders).  TRL's odds-ratio term, plus the NLL of the answer tokens TRL labels:
+        chosen_logps, rejected_logps, chosen_logits = twin.concatenated_forward(twin.model, batch)[:3]
+        odds_ratio_term = twin.odds_ratio_loss(chosen_logps, rejected_logps)[0].mean()
+        labels = batch["chosen_labels"][:, 1:]
+        answer_nll = torch.nn.functional.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]),
+                                                       labels.reshape(-1), ignore_index=-100)  # fmt: skip
+        trl_loss = answer_nll - odds_ratio_term
+    trl_loss.backward()
+    assert_same(ours, (trl_loss.detach(), lora_grads(twin.model)))
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert trainer._logged[f"train:{key}"][-1] == pytest.approx(trl_metrics[key], rel=1e-4, abs=1e-5)

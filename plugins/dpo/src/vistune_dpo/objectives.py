@@ -40,15 +40,15 @@ def _mean(values: Any) -> float:
     return values.float().mean().item() if values.numel() else float("nan")
 
 
-def _reward_metrics(chosen_rewards: Any, rejected_rewards: Any, chosen: SequenceLogps, rejected: SequenceLogps):
-    """TRL's reward and log-probability metrics of a paired batch."""
+def _reward_metrics(chosen_rewards: Any, rejected_rewards: Any, chosen_logps: Any, rejected_logps: Any):
+    """TRL's reward and log-probability metrics of a paired batch (the log-probabilities the loss uses)."""
     return {
         "rewards/chosen": _mean(chosen_rewards),
         "rewards/rejected": _mean(rejected_rewards),
         "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
         "rewards/margins": _mean(chosen_rewards - rejected_rewards),
-        "logps/chosen": _mean(chosen.sums.detach()),
-        "logps/rejected": _mean(rejected.sums.detach()),
+        "logps/chosen": _mean(chosen_logps.detach()),
+        "logps/rejected": _mean(rejected_logps.detach()),
     }
 
 
@@ -111,7 +111,7 @@ class DPO(PreferenceObjective):
         per_pair = -F.logsigmoid(logits) * (1 - self.label_smoothing) - F.logsigmoid(-logits) * self.label_smoothing
         loss = per_pair.mean()
         metrics = _reward_metrics(self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach(),
-                                  chosen, rejected)  # fmt: skip
+                                  chosen.sums, rejected.sums)  # fmt: skip
         if self.rpo_alpha:
             nll = _nll(chosen)
             loss = loss + self.rpo_alpha * nll
@@ -123,7 +123,8 @@ class ORPO(PreferenceObjective):
     """ORPO: the chosen answers' NLL minus ``beta`` times the log-sigmoid of the log odds ratio.
 
     The odds use length-normalised log-probabilities (mean per token), as the paper and TRL.
-    No reference model.  Rewards are ``beta`` times those mean log-probabilities.
+    No reference model.  Rewards are ``beta`` times those mean log-probabilities, and
+    ``logps/*`` log the means (as TRL's ORPO and CPO trainers do).
     """
 
     name = "orpo"
@@ -148,7 +149,8 @@ class ORPO(PreferenceObjective):
         ratio = F.logsigmoid(log_odds)
         nll = _nll(chosen)
         loss = nll - (self.beta * ratio).mean()
-        metrics = _reward_metrics(self.beta * chosen_mean.detach(), self.beta * rejected_mean.detach(), chosen, rejected)
+        metrics = _reward_metrics(self.beta * chosen_mean.detach(), self.beta * rejected_mean.detach(), chosen_mean,
+                                  rejected_mean)  # fmt: skip
         metrics.update({"nll_loss": nll.item(), "log_odds_ratio": ratio.mean().item(), "log_odds_chosen": log_odds.mean().item()})
         return loss, metrics
 
@@ -181,7 +183,8 @@ class SimPO(PreferenceObjective):
         logits = self.beta * (chosen_mean - rejected_mean) - self.gamma
         per_pair = -F.logsigmoid(logits) * (1 - self.label_smoothing) - F.logsigmoid(-logits) * self.label_smoothing
         loss = per_pair.mean()
-        metrics = _reward_metrics(self.beta * chosen_mean.detach(), self.beta * rejected_mean.detach(), chosen, rejected)
+        metrics = _reward_metrics(self.beta * chosen_mean.detach(), self.beta * rejected_mean.detach(), chosen_mean,
+                                  rejected_mean)  # fmt: skip
         if self.cpo_alpha:
             nll = _nll(chosen)
             loss = loss + self.cpo_alpha * nll
