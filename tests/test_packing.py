@@ -3,6 +3,14 @@
 The reference is the plain transformers model run on each sample alone (Qwen2-VL computing
 its own multimodal RoPE positions from ``mm_token_type_ids``); the packed batch must give the
 same logits per sample, the same loss (token-level mean over all samples) and the same gradients.
+
+What runs where for ``vistune_varlen``: PyTorch's flash varlen kernel (``aten::_flash_attention_forward``)
+has no CPU implementation.  On CPU the packed-batch test runs ``vistune_varlen`` twice: as its dense-mask
+fallback (what CPU runs use), and along its variable-length path with only the kernel replaced by sdpa
+per segment (:func:`segmentwise_varlen_attn`).  That covers the segments handed to the kernel (checked
+against transformers' own cu_seqlens construction), padding removal, grouped KV heads and the output
+layout.  NOT covered on CPU, so not in CI: the kernel's own numerics (fp16/bf16 flash); they are compared
+with the replacement only on a CUDA machine (``test_the_cuda_kernel_keeps_the_contract_the_cpu_tests_assume``).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+import torch.nn.functional as F  # noqa: E402
 
 from vistune.data.packing import (  # noqa: E402
     PackedDataset,
@@ -187,10 +196,51 @@ def llava_next(tiny_llava_next):
     return _load(tiny_llava_next)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "vistune_varlen"])
+def segmentwise_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                            window_size=(-1, -1), enable_gqa=False):  # fmt: skip
+    """``torch.nn.attention.varlen.varlen_attn``'s contract, computed by PyTorch's sdpa one segment at a time.
+
+    Tokens ``(total, heads, dim)`` in and out; segment ``i`` is ``cu_seq[i]:cu_seq[i + 1]``;
+    ``window_size=(-1, 0)`` is causal.  Used where the flash kernel cannot run (CPU).
+    """
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and int(cu_seq_q[-1]) == query.shape[0]
+    lengths = cu_seq_q.diff()
+    assert max_q == max_k == int(lengths.max()) and bool((lengths > 0).all())
+    assert window_size in ((-1, 0), (-1, -1))
+    bounds = cu_seq_q.tolist()
+    out = [
+        F.scaled_dot_product_attention(query[a:b].transpose(0, 1), key[a:b].transpose(0, 1), value[a:b].transpose(0, 1),
+                                       is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+        for a, b in zip(bounds, bounds[1:])
+    ]  # fmt: skip
+    return torch.cat(out)
+
+
+@pytest.fixture
+def varlen_on_cpu(monkeypatch, request):
+    """vistune_varlen's segment path on CPU: only PyTorch's CUDA kernel is replaced, by :func:`segmentwise_varlen_attn`.
+
+    Returns the cu_seqlens of every kernel call.  ``request.param`` (default True) says whether the kernel
+    takes grouped KV heads itself (``enable_gqa``), else vistune repeats them.
+    """
+    from vistune import attention
+
+    monkeypatch.setattr(attention, "_VARLEN_GQA", getattr(request, "param", True))
+    monkeypatch.setattr(attention, "_varlen_applies",
+                        lambda module, query, kv_len, dropout: query.shape[2] == kv_len and not (module.training and dropout > 0))  # fmt: skip
+    calls = []
+    monkeypatch.setattr(attention, "_VARLEN", lambda *a, **k: calls.append(a[3].tolist()) or segmentwise_varlen_attn(*a, **k))
+    return calls
+
+
+# "vistune_varlen" on CPU is its dense-mask fallback (what CPU runs use); "vistune_varlen-segments" is its
+# variable-length path, which runs on CUDA, with only the CUDA kernel replaced by sdpa per segment.
+@pytest.mark.parametrize("attention", ["sdpa", "vistune_varlen", "vistune_varlen-segments"])
 @pytest.mark.parametrize("kind", ["llava", "llava-next", "qwen2-vl"])
 def test_packed_batch_equals_samples_one_by_one(kind, attention, request):
     model = request.getfixturevalue(kind.replace("-", "_"))
+    segment_calls = request.getfixturevalue("varlen_on_cpu") if attention.endswith("-segments") else None
+    attention = attention.removesuffix("-segments")
     model_type = QWEN2_VL if kind == "qwen2-vl" else LLAVA
     if kind == "llava-next":
         from vistune.tiny_models import load_tiny_processor
@@ -206,12 +256,21 @@ def test_packed_batch_equals_samples_one_by_one(kind, attention, request):
     # two rows of different lengths: the shorter one is padded with its own segment
     groups = [samples[:3], samples[3:]]
     batch, packed_logits, packed_loss, packed_grads = packed_run(model, groups)
+    packed_calls = list(segment_calls or [])
     assert "attention_mask" not in batch
     assert batch["position_ids"].shape[-2:] == batch["input_ids"].shape
     if kind == "qwen2-vl":
         assert batch["position_ids"].shape[0] == 4  # text row + 3 mrope rows
     ref_logits, ref_loss, ref_grads = unpacked_reference(model, samples)
 
+    if segment_calls is not None:  # every language-model layer went through the segments of the packed rows
+        width, lengths = batch["input_ids"].shape[-1], []
+        for group in groups:  # each sample is a segment, and a row's padding one more
+            sizes = [len(sample["input_ids"]) for sample in group]
+            lengths += sizes + ([width - sum(sizes)] if width > sum(sizes) else [])
+        layers = model.config.get_text_config().num_hidden_layers
+        assert len(packed_calls) == layers and all(calls == packed_calls[0] for calls in packed_calls)
+        assert [b - a for a, b in zip(packed_calls[0], packed_calls[0][1:])] == lengths
     for got, want in zip(packed_logits, ref_logits):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed_loss, ref_loss, atol=1e-6, rtol=1e-5)
@@ -267,6 +326,60 @@ def test_collate_pads_with_an_isolated_segment():
     aligned = collate_packed(rows)  # rounded up to a multiple of 8 by default
     assert aligned["input_ids"].shape == (2, 8)
     assert aligned["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+
+
+def test_segments_are_the_ones_transformers_derives_from_position_ids():
+    """The cu_seqlens vistune_varlen hands the kernel, against transformers' own construction for flash varlen."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    from vistune.attention import _Segments
+
+    rows = [make_row([{"input_ids": [1] * n, "labels": [1] * n} for n in sizes]) for sizes in ([5, 3, 7], [2], [4, 4])]
+    batch = collate_packed(rows)  # padded to a multiple of 8, the padding a segment of its own
+    positions = batch["position_ids"]
+    (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(positions)
+    segments = _Segments(positions, None, *positions.shape, torch.device("cpu"))
+    assert segments.cu_seqlens.tolist() == cu_q.tolist() == cu_k.tolist()
+    assert segments.max_length == int(max_q)
+
+
+@pytest.mark.parametrize("varlen_on_cpu", [True, False], indirect=True, ids=["kernel-gqa", "repeated-kv"])
+def test_the_segment_path_drops_padding_and_groups_heads(varlen_on_cpu):
+    """Left and right padding (2D mask) and grouped KV heads, against sdpa on each row's segments alone."""
+    from vistune.attention import packed_attention_forward
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 9, 8
+    query = torch.randn(batch, heads, length, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0, 0]])
+    positions = torch.tensor([[0, 0, 0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 0, 0, 0]])
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, _ = packed_attention_forward(module, query, key, value, mask, scaling=0.3, position_ids=positions)
+    assert out.shape == (batch, length, heads, dim) and len(varlen_on_cpu) == 1
+    expected_segments = {0: [(2, 5), (5, 9)], 1: [(0, 2), (2, 6)]}
+    for row, spans in expected_segments.items():
+        for a, b in spans:
+            want = F.scaled_dot_product_attention(query[row, :, a:b], key[row, :, a:b], value[row, :, a:b],
+                                                  is_causal=True, scale=0.3, enable_gqa=True).transpose(0, 1)  # fmt: skip
+            torch.testing.assert_close(out[row, a:b], want)
+        assert not out[row][mask[row] == 0].any()  # padding positions are left at zero
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's flash varlen kernel runs only on CUDA")
+def test_the_cuda_kernel_keeps_the_contract_the_cpu_tests_assume():
+    """What the CPU tests replace: PyTorch's own varlen kernel against :func:`segmentwise_varlen_attn`."""
+    from vistune.attention import _VARLEN
+
+    if _VARLEN is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    cu = torch.tensor([0, 5, 12, 40], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(40, 4, 64, generator=generator, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for window in ((-1, 0), (-1, -1)):
+        got = _VARLEN(q, k, v, cu, cu, 28, 28, scale=0.125, window_size=window)
+        want = segmentwise_varlen_attn(q, k, v, cu, cu, 28, 28, scale=0.125, window_size=window)
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
 def test_segments_are_computed_again_for_a_new_shape():

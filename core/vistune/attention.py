@@ -101,6 +101,20 @@ def _dense_mask(attention_mask, position_ids, batch, q_len, kv_len, causal, devi
     return allowed[:, None]
 
 
+def _varlen_applies(module: torch.nn.Module, query: torch.Tensor, kv_len: int, dropout: float) -> bool:
+    """Whether PyTorch's flash varlen kernel can run this call: CUDA, half precision, no KV cache, no dropout.
+
+    (The kernel has no CPU implementation: ``aten::_flash_attention_forward`` is CUDA-only.)
+    """
+    return (
+        _VARLEN is not None
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[2] == kv_len
+        and not (module.training and dropout > 0)
+    )
+
+
 @torch.compiler.disable  # data-dependent segment lengths; compiled blocks call into it as one opaque op
 def packed_attention_forward(
     module: torch.nn.Module,
@@ -120,14 +134,7 @@ def packed_attention_forward(
     position_ids = kwargs.get("position_ids")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"{NAME} attention expects a 2D padding mask, got shape {tuple(attention_mask.shape)}")
-    flash = (
-        _VARLEN is not None
-        and query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and q_len == kv_len
-        and not (module.training and dropout > 0)
-    )
-    if not flash:
+    if not _varlen_applies(module, query, kv_len, dropout):
         mask = _dense_mask(attention_mask, position_ids, batch, q_len, kv_len, causal, query.device)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
                                              scale=scaling, enable_gqa=key.shape[1] != heads)  # fmt: skip
