@@ -145,6 +145,11 @@ def test_task_help_lists_the_plugins_options(register_plugin, capsys):
     with pytest.raises(SystemExit):
         main(["rl", "--help"])
     assert "  grpo (algorithm grpo):\n    loss_normalisation [sequence|token|constant]" in capsys.readouterr().out
+    assert main(["list", "adapters", "--json"]) == 0
+    listed = {row["name"]: row for row in __import__("json").loads(capsys.readouterr().out)}
+    assert listed["lora-plus-test"]["options"][-1] == {"name": "lr_ratio", "type": "float", "default": 16.0,
+                                                       "help": RATIO.help, "alias": None}  # fmt: skip
+    assert "options" not in listed["full"]
 
 
 # -- rewards -----------------------------------------------------------------------------
@@ -236,3 +241,29 @@ def test_rl_reference_model_follows_the_adapters_spec(tmp_path, tiny_llama, regi
         assert ref_model is None  # the policy with its adapter disabled: no second copy of the weights
     else:
         assert ref_model is not None and not any(p.requires_grad for p in ref_model.parameters())
+
+
+def test_core_plan_pipelines_and_trainers_never_name_a_registered_plugin(plugin_manager):
+    """Core asks specs what a plugin is; a registered name as a string constant there means it decides by name.
+
+    Docstrings may name plugins; the defaults live in the config, which is not scanned.
+    """
+    import ast
+    from pathlib import Path
+
+    import vistune
+
+    names = {spec.name for registry in plugin_manager.registries.by_kind.values() for spec in registry}
+    assert {"lora", "qlora", "galore", "transformers", "grpo"} <= names
+    root = Path(vistune.__file__).parent
+    files = [root / "plan.py", root / "loading.py", *root.glob("pipelines/*.py"), *root.glob("training/*.py"),
+             *root.glob("rl/*.py")]  # fmt: skip
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}  # fmt: skip
+        found += [f"{path.name}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings]  # fmt: skip
+    assert not found, found

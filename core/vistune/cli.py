@@ -131,6 +131,9 @@ def _describe(kind: str, spec) -> dict:
     elif kind == "datasets":
         data |= {"format": spec.format, "hf_repo_id": spec.hf_repo_id, "env_var": spec.env_var,
                  "generated": spec.builder is not None}  # fmt: skip
+    if getattr(spec, "options", ()):  # what its section in a config may set
+        data["options"] = [{"name": o.name, "type": o.type, "default": o.default, "help": o.help, "alias": o.alias}
+                           for o in spec.options]  # fmt: skip
     return data
 
 
