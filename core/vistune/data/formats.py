@@ -143,13 +143,19 @@ class RecordReader:
             raise ValueError(f"data format {declared.name!r} reads no records (it is a source format)")
         self.declared = declared
         self.detecting = tuple(f for f in formats if f.detect is not None)
-        self._loaded: dict[tuple[str, str], Any] = {}
+        self._loaded: dict[Any, Any] = {}
 
     def _function(self, fmt: DataFormat, field: str) -> Any:
         key = (fmt.name, field)
         if key not in self._loaded:
             self._loaded[key] = load_ref(getattr(fmt, field))
         return self._loaded[key]
+
+    def _detectors(self) -> list[tuple[DataFormat, Any]]:
+        """``(format, detect function)`` of every detecting format, loaded once (called for every record)."""
+        if "detectors" not in self._loaded:
+            self._loaded["detectors"] = [(fmt, self._function(fmt, "detect")) for fmt in self.detecting]
+        return self._loaded["detectors"]
 
     def format_of(self, record: Any, where: str) -> DataFormat:
         """The format that reads ``record``.
@@ -161,7 +167,7 @@ class RecordReader:
             raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
         if self.declared is not None:
             return self.declared
-        claims = [fmt for fmt in self.detecting if self._function(fmt, "detect")(record)]
+        claims = [fmt for fmt, detect in self._detectors() if detect(record)]
         if len(claims) == 1:
             return claims[0]
         keys = ", ".join(record) or "none"
