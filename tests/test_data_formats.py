@@ -527,3 +527,62 @@ def test_a_dataset_of_a_format_no_plugin_registers_is_a_plugin_problem(register_
     manager.check_references()
     assert any("registers dataset 'parquet-data' in the data format 'parquet', which no loaded plugin registers" in e
                for e in manager.infos[info.name].errors)  # fmt: skip
+
+
+# -- the pipelines, end to end on tiny models ------------------------------------------------------------
+
+REWARD_FILE = '''
+import json
+
+
+def accuracy(completions, solution, **kwargs):
+    """Written as TRL's and ms-swift's docs write rewards; records what it was given."""
+    with open(SEEN, "a") as f:
+        f.write(json.dumps({"solution": solution, "difficulty": kwargs.get("difficulty")}) + "\\n")
+    return [float(s in c) for c, s in zip(completions, solution)]
+'''
+
+
+def test_rl_on_ms_swift_query_records_gives_rewards_their_solution_column(tmp_path, tiny_llama):
+    import yaml
+
+    from vistune.cli import main
+
+    seen = tmp_path / "seen.jsonl"
+    rewards = tmp_path / "swift_rewards.py"
+    rewards.write_text(f"SEEN = {str(seen)!r}\n" + REWARD_FILE)
+    data = write_jsonl(tmp_path / "swift_grpo.jsonl", [
+        {"system": "Answer with one letter.", "query": f"Which letter is number {i}?", "solution": "abcd"[i],
+         "difficulty": i % 2} for i in range(4)])  # fmt: skip
+    run = tmp_path / "rl.yaml"
+    run.write_text(yaml.safe_dump({
+        "task": "rl", "model": str(tiny_llama), "dataset": str(data), "device": "cpu", "dtype": "float32",
+        "report_to": ["jsonl"], "seed": 0, "per_device_batch_size": 2, "num_generations": 2,
+        "max_completion_length": 4, "max_steps": 1, "save_steps": 1000, "rewards": [f"{rewards}:accuracy"],
+        "output_dir": str(tmp_path / "out")}))  # fmt: skip
+    assert main(["rl", "--config", str(run)]) == 0
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    given = [(s, d) for call in calls for s, d in zip(call["solution"], call["difficulty"])]
+    assert given and all(s in "abcd" and d == "abcd".index(s) % 2 for s, d in given)  # each prompt's own columns
+
+
+def test_sft_trains_on_sharegpt_records_with_images(tmp_path, tiny_llava, plugin_manager):
+    import yaml
+
+    from vistune.cli import main
+    from vistune.training.metrics import read_metrics
+
+    if "llava" not in plugin_manager.registries.models:
+        pytest.skip("the llava plugin is not installed")
+    png(tmp_path / "data" / "images" / "red.png", "red", (32, 32))
+    png(tmp_path / "data" / "images" / "blue.png", "blue", (32, 32))
+    data = write_jsonl(tmp_path / "data" / "sharegpt.jsonl", [
+        {"conversations": [{"from": "human", "value": "<image>What colour is it?"}, {"from": "gpt", "value": colour}],
+         "images": [f"images/{colour}.png"]} for colour in ("red", "blue")])  # fmt: skip
+    run = tmp_path / "sft.yaml"
+    run.write_text(yaml.safe_dump({
+        "model": str(tiny_llava), "dataset": str(data), "device": "cpu", "dtype": "float32", "report_to": ["jsonl"],
+        "max_steps": 2, "save_steps": 1000, "output_dir": str(tmp_path / "out")}))  # fmt: skip
+    assert main(["sft", "--config", str(run)]) == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
