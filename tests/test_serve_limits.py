@@ -56,8 +56,8 @@ def test_full_queue_answers_429_and_every_request_is_answered(engine):
     finally:
         server.stop()
     statuses = sorted(status for status, _, _ in answers)
-    assert set(statuses) == {200, 429}, statuses
-    assert 1 <= statuses.count(200) <= 7
+    # all 8 arrive within milliseconds while the first two generate 200 tokens: exactly two get in
+    assert statuses == [200] * 2 + [429] * 6, statuses
     for status, _, payload in answers:
         if status == 429:
             assert payload["error"]["type"] == "rate_limit_error" and payload["error"]["code"] == "queue_full"
@@ -118,10 +118,23 @@ def test_a_client_leaving_a_stream_of_several_prompts_frees_its_place(engine):
 
 
 def test_load_32_clients_every_request_answered(engine):
-    """32 concurrent clients x 4 requests on loopback: none lost, each answered 200 or cleanly refused 429."""
+    """32 concurrent clients x 4 requests on loopback, after the same requests one at a time.
+
+    The server has room for all 32 (max_batch_size 8 + max_queue 64), so every request must be
+    served (a 429 is a failure).  The throughput bound comes from the sequential latency measured
+    just before on the same machine, so a busy machine moves both alike: batching must give at least
+    1.5x the throughput of one client (a server that runs one request at a time gives about 1x).
+    The latency bound is relative to the mean latency the throughput implies: p95 within 3x of it,
+    the slowest request within 4x (a starved request waits far longer than the others).
+    """
     server = start(engine, max_batch_size=8, max_queue=64)
     clients, per_client, max_tokens = 32, 4, 8
     try:
+
+        async def alone():
+            async with httpx.AsyncClient() as client:
+                await _ask(client, server.url, max_tokens)  # warm-up
+                return [await _ask(client, server.url, max_tokens) for _ in range(8)]
 
         async def client_loop(client):
             return [await _ask(client, server.url, max_tokens) for _ in range(per_client)]
@@ -133,37 +146,26 @@ def test_load_32_clients_every_request_answered(engine):
                 results = await asyncio.gather(*[client_loop(client) for _ in range(clients)])
                 return [r for rs in results for r in rs], time.perf_counter() - started
 
+        sequential = asyncio.run(asyncio.wait_for(alone(), timeout=120))
         answers, elapsed = asyncio.run(asyncio.wait_for(run(), timeout=300))
     finally:
         server.stop()
+    assert [status for status, _, _ in sequential] == [200] * 8
+    single = statistics.median(latency for _, latency, _ in sequential)
     assert len(answers) == clients * per_client
     statuses = [status for status, _, _ in answers]
-    assert set(statuses) <= {200, 429}, statuses
-    ok = [(latency, payload) for status, latency, payload in answers if status == 200]
-    assert ok, "no request was served"
-    assert all(payload["usage"]["completion_tokens"] == max_tokens for _, payload in ok)
-    latencies = sorted(latency for latency, _ in ok)
+    assert statuses == [200] * len(answers), f"{statuses.count(429)} refused although the queue had room"
+    assert all(payload["usage"]["completion_tokens"] == max_tokens for _, _, payload in answers)
+    latencies = sorted(latency for _, latency, _ in answers)
     p50 = statistics.median(latencies)
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    throughput = len(answers) / elapsed
     print(f"\nload test: {clients} clients x {per_client} requests, {max_tokens} tokens each, tiny llama on CPU: "
-          f"{len(ok)} served, {statuses.count(429)} refused (429), {len(answers) / elapsed:.1f} requests/s, "
-          f"latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, {elapsed:.1f} s")  # fmt: skip
-
-
-def test_engine_failure_mid_stream_is_reported_in_the_stream(engine):
-    doomed = TransformersEngine.from_model(engine.model, engine.processor, engine.encoder)
-    server = start(doomed)
-    lines: list[str] = []
-    try:
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body(400, stream=True), timeout=60) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line:
-                    lines.append(line)
-                if len(lines) == 3:
-                    doomed.close()  # the engine goes away while the answer streams
-    finally:
-        server.stop()
-    assert lines[-1] == "data: [DONE]"
-    error = json.loads(lines[-2][len("data: ") :])["error"]
-    assert error["type"] == "service_unavailable" and "closed" in error["message"]
+          f"{throughput:.1f} requests/s (one client: {1 / single:.1f}), latency p50 {p50 * 1000:.0f} ms, "
+          f"p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms (one request alone: {single * 1000:.0f} ms), "
+          f"{elapsed:.1f} s")  # fmt: skip
+    assert throughput >= 1.5 / single, "concurrent requests are not batched"
+    # Little's law: with 32 requests always in flight, the mean latency is 32 / throughput; a fair queue
+    # keeps the tail near it, a request left behind (starved) shows far above it
+    mean = clients / throughput
+    assert p95 <= 3 * mean and latencies[-1] <= 4 * mean, f"p95 {p95:.2f} s, max {latencies[-1]:.2f} s, mean {mean:.2f} s"
