@@ -228,14 +228,33 @@ def test_loss_matches_trl(plugin_manager, name, options, trl_kwargs):
     assert out.metrics["kl"] == pytest.approx(metrics["kl"][0], rel=1e-6)
 
 
-def test_grpo_advantages_match_trl_formula(plugin_manager):
-    from trl.trainer.utils import nanstd
+#: Rewards of two groups of four completions; None is a completion no reward could score.
+TRL_REWARDS = [0.3, 0.9, None, 0.1, 1.0, 2.0, 3.0, 5.0]
 
-    grpo = algorithm(plugin_manager, "grpo")
-    rewards = torch.tensor([[0.3, 0.9, float("nan"), 0.1], [1.0, 2.0, 3.0, 5.0]])
-    # TRL's GRPOTrainer (scale_rewards="group"): (r - nanmean) / (nanstd + 1e-4), NaN -> 0
-    trl = (rewards - torch.nanmean(rewards, dim=1, keepdim=True)) / (nanstd(rewards, dim=1, keepdim=True) + 1e-4)
-    torch.testing.assert_close(grpo.advantages(rewards), torch.nan_to_num(trl, nan=0.0))
+
+@pytest.mark.parametrize("name, scale_rewards", [("grpo", "group"), ("dr-grpo", "none")])
+def test_advantages_match_trl_grpo_trainer(plugin_manager, tiny_llama, tmp_path, name, scale_rewards):
+    """TRL's own advantages: GRPOTrainer samples two groups on the tiny Llama and scores them with fixed rewards.
+
+    ``_generate_and_score_completions`` is where TRL turns rewards into advantages (group mean,
+    ``nanstd`` + 1e-4 unless ``scale_rewards="none"``, unscorable completions 0).
+    """
+    datasets = pytest.importorskip("datasets")
+    from trl import GRPOConfig, GRPOTrainer
+
+    def fixed(prompts, completions, **columns):
+        return list(TRL_REWARDS[: len(completions)])
+
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=3,
+                      use_cpu=True, report_to=[], scale_rewards=scale_rewards, bf16=False)  # fmt: skip
+    prompts = [{"prompt": "Name a colour."}] * 4 + [{"prompt": "Name a shape."}] * 4
+    trainer = GRPOTrainer(model=str(tiny_llama), reward_funcs=[fixed], args=args,
+                          train_dataset=datasets.Dataset.from_list(prompts))  # fmt: skip
+    theirs = trainer._generate_and_score_completions(prompts)["advantages"]
+    rewards = torch.tensor([math.nan if r is None else r for r in TRL_REWARDS]).view(2, 4)
+    ours = algorithm(plugin_manager, name).advantages(rewards)
+    torch.testing.assert_close(ours.flatten(), theirs)
+    assert theirs[2] == 0.0 and theirs.abs().sum() > 1  # the unscored one is 0, the others carry a signal
 
 
 def test_rloo_loss_matches_trl(plugin_manager):
