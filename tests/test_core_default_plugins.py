@@ -15,7 +15,8 @@ DEFAULT_PLUGINS = {
     "adapters": {"adapters": ["dora", "full", "galore", "lora", "qlora"]},
     "transformers-backend": {"backends": ["transformers"]},
     "embedded-datasets": {"datasets": ["shapes-captions", "shapes-captions-eval"]},
-    "data-formats": {"formats": ["alpaca", "hf-disk", "hf-hub", "llava-instruct", "messages", "ms-swift", "sharegpt"]},
+    "data-formats": {"formats": ["alpaca", "hf-disk", "hf-hub", "llava-instruct", "messages", "ms-swift",
+                                 "prompt-completion", "sharegpt"]},
 }
 
 

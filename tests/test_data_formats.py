@@ -178,6 +178,32 @@ def test_trl_typed_content_parts_with_images_read_as_messages(tmp_path):
     assert sample.messages[0]["content"] == "<image>What color is the sky?" and len(sample.images) == 1
 
 
+def test_trl_prompt_only_and_prompt_completion_records(tmp_path):
+    png(tmp_path / "sky.png", "blue")
+    path = write_jsonl(tmp_path / "trl.jsonl", [
+        # TRL docs, "Dataset formats": standard prompt-completion, conversational prompt-only
+        {"prompt": "The sky is", "completion": " blue."},
+        {"prompt": [{"role": "user", "content": "What color is the sky?"}]},
+        # a vision prompt-completion record; a GRPO record with one picture and its solution
+        {"images": ["sky.png"],
+         "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the sky?"}]}],
+         "completion": [{"role": "assistant", "content": [{"type": "text", "text": "It is blue."}]}]},
+        {"image": "sky.png", "prompt": [{"role": "user", "content": "What color is the sky?"}], "solution": "blue"},
+        # TRL's preference records are not completions to learn: no format claims them for sft
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    ])  # fmt: skip
+    data = read_records_file(path)
+    assert {where_format(data, i) for i in range(4)} == {"prompt-completion"}
+    assert data[0].messages == [{"role": "user", "content": "The sky is"}, {"role": "assistant", "content": " blue."}]
+    assert data[1].messages == [{"role": "user", "content": "What color is the sky?"}]
+    assert data[2].messages[0]["content"] == "<image>What color is the sky?" and data[2].images[0].size == (8, 6)
+    # a picture the prompt does not place goes first in the first user message, where TRL puts it
+    assert data[3].messages == [{"role": "user", "content": "<image>What color is the sky?"}]
+    assert data[3].columns == {"solution": "blue"} and data[3].images[0].getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(DataError, match=rf"{path}:5: the record is in no known data format \(its keys: prompt, chosen"):
+        data[4]
+
+
 # -- images: datasets Image cells and URLs ----------------------------------------------------
 
 
@@ -262,6 +288,9 @@ def test_every_format_is_validated_before_the_model_loads_naming_file_line_and_f
                                                               {"from": "gpt", "value": "yo"}]},
                            {"image": "gone.png", "conversations": [{"from": "human", "value": "<image>hi"}]},
                            "image 'gone.png' not found"),
+        "prompt-completion": ({"prompt": "hi", "completion": "yo", "image": "a.png"},
+                              {"prompt": [], "completion": "yo"},
+                              "'prompt' must be a string or a non-empty list"),
         "messages": ({"messages": [{"role": "user", "content": "<image>hi"}], "images": ["a.png"]},
                      {"messages": [{"role": "user", "content": "<image>hi"}], "images": ["a.png", "a.png"]},
                      "1 <image> tag\\(s\\) but 2 image\\(s\\)"),
@@ -409,7 +438,7 @@ def test_a_third_party_format_registered_by_a_plugin_is_detected_validated_and_l
 
 def test_check_data_format_passes_the_default_formats_and_catches_a_broken_one(plugin_manager, tmp_path):
     formats = plugin_manager.registries.formats
-    for name in ("messages", "llava-instruct", "sharegpt", "ms-swift", "alpaca"):
+    for name in ("messages", "llava-instruct", "sharegpt", "ms-swift", "alpaca", "prompt-completion"):
         samples = check_data_format(formats.get(name))
         assert samples and samples[0].messages[-1]["role"] == "assistant", name
     assert check_data_format(formats.get("hf-disk")) == []

@@ -125,13 +125,13 @@ def test_format_is_told_apart_per_record(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [
         chat("Hi", "Yo"),
         {"id": "x", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
-        {"prompt": "no conversation here"},
+        {"note": "no conversation here"},
     ])  # fmt: skip
     location = locate_dataset(str(path), Registry("dataset", Dataset))
     assert location.format == "records"
     data = read_dataset(location)
     assert data[0].messages == data[1].messages
-    with pytest.raises(DataError, match=rf"{path}:3: the record is in no known data format \(its keys: prompt\)"):
+    with pytest.raises(DataError, match=rf"{path}:3: the record is in no known data format \(its keys: note\)"):
         data[2]
 
 

@@ -90,8 +90,8 @@ class RunConfig:
     )
     dataset_path: str | None = option(None, "local directory of the dataset that `dataset` names", type="path")
     dataset_format: str | None = option(
-        None, "the record format of dataset and eval_dataset (messages, sharegpt, ms-swift, alpaca, llava-instruct or a "
-        "plugin's); default: detected record by record", type="str",
+        None, "the record format of dataset and eval_dataset (messages, sharegpt, ms-swift, alpaca, prompt-completion, "
+        "llava-instruct or a plugin's); default: detected record by record", type="str",
     )
     eval_dataset: str | None = option(None, "held-out dataset (alias or path) for evaluation", type="str")
     max_samples: int | None = option(None, "use at most this many records", type="int")

@@ -15,6 +15,10 @@ Record formats (one record -> a :class:`vistune.templates.Sample`):
 ``alpaca``
     ``{"instruction", "input", "output", "system", "history", "images"}``: the prompt is the
     instruction, then the input on a new line (as LLaMA-Factory and ms-swift join them).
+``prompt-completion``
+    TRL's prompt-only and prompt-completion records, ``{"prompt", "completion", "images"|"image"}``:
+    each a string (the user's turn, the answer) or a list of messages; pictures whose place the
+    prompt does not mark go at the start of the first user message, where TRL puts them.
 
 Source formats (a ``dataset:`` value -> records, read by the formats above):
 
@@ -36,7 +40,7 @@ from vistune import hookimpl
 from vistune.data.formats import as_list, columns_without, content_text, exchange, present, role, text_field
 from vistune.errors import DataError
 from vistune.specs import DataFormat
-from vistune.templates import Sample
+from vistune.templates import IMAGE_TAG, Sample
 
 _HERE = "vistune.default_plugins.data_formats"
 
@@ -159,6 +163,51 @@ def read_alpaca(record: dict, where: str) -> Sample:
     return Sample(messages, as_list(record.get("images")), columns_without(record, used), where)
 
 
+# -- TRL's prompt-completion ----------------------------------------------------------------------------
+
+#: Fields of TRL's preference (DPO) and unpaired (KTO) records: their answers are not a completion to learn.
+_PREFERENCE_FIELDS = ("chosen", "rejected", "label")
+
+
+def is_prompt_completion(record: dict) -> bool:
+    return "prompt" in record and not any(key in record for key in _PREFERENCE_FIELDS)
+
+
+def _turns(value: Any, default_role: str, where: str, field: str) -> tuple[list[dict[str, str]], list[Any], int]:
+    """A prompt or completion as messages: (messages, images named inline, bare image parts)."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}], [], 0
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise DataError(f"{where}: '{field}' must be a string or a non-empty list of {{'role', 'content'}} messages")
+    messages, inline, bare = [], [], 0
+    for i, message in enumerate(value):
+        text, named, unnamed = content_text(message.get("content"), where, i)
+        messages.append({"role": role(message.get("role"), where, i), "content": text})
+        inline += named
+        bare += unnamed
+    return messages, inline, bare
+
+
+def read_prompt_completion(record: dict, where: str) -> Sample:
+    messages, inline, bare = _turns(record.get("prompt"), "user", where, "prompt")
+    if present(record, "completion"):  # without one the record is a prompt (rl, infer)
+        answer, named, unnamed = _turns(record["completion"], "assistant", where, "completion")
+        messages, inline, bare = messages + answer, inline + named, bare + unnamed
+    if present(record, "images") and present(record, "image"):
+        raise DataError(f"{where}: the record has both 'images' and 'image'", hint="list every picture in 'images'")
+    listed = as_list(record.get("images") if present(record, "images") else record.get("image"))
+    if inline and (listed or bare):
+        raise DataError(f"{where}: images are named both inside the messages and in 'images' (or by bare image parts)",
+                        hint="name every image in one place")  # fmt: skip
+    images = inline or listed
+    if images and not any(IMAGE_TAG in m["content"] for m in messages):
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is None:
+            raise DataError(f"{where}: the record has images but no user message to show them in")
+        first["content"] = IMAGE_TAG * len(images) + first["content"]
+    return Sample(messages, images, columns_without(record, ("prompt", "completion", "images", "image")), where)
+
+
 # -- registration -------------------------------------------------------------------------------------
 
 
@@ -201,6 +250,14 @@ def vistune_register_data_formats(register):
         example={"instruction": "<image>Describe the picture.", "input": "Use one short sentence.",
                  "output": "A red circle on a white background.", "images": ["circle.png"]},
         description="Alpaca: instruction and input (the prompt, joined by a new line), output; system, history, images",
+    ))  # fmt: skip
+    register(DataFormat(
+        "prompt-completion", read=f"{_HERE}:read_prompt_completion", detect=f"{_HERE}:is_prompt_completion",
+        fields=("prompt", "completion", "images", "image"),
+        example={"images": ["sky.png"],
+                 "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the sky?"}]}],
+                 "completion": [{"role": "assistant", "content": [{"type": "text", "text": "It is blue."}]}]},
+        description="TRL prompt-only and prompt-completion: prompt and completion as text or messages, images (or image)",
     ))  # fmt: skip
     register(DataFormat(
         "hf-disk", open_source="vistune.data.sources:open_saved_dataset",
