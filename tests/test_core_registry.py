@@ -73,7 +73,8 @@ def test_registries_route_specs_by_hook_and_class():
     with pytest.raises(RegistryError, match=r"expected vistune\.specs\.ModelType or vistune\.specs\.ModelAlias"):
         registries.add("vistune_register_models", reward(), A)
     assert registries.registered_by("plugin-a") == {"models": ["m"], "checkpoints": ["m-7b"]}
-    assert set(KINDS) == {"models", "checkpoints", "templates", "adapters", "algorithms", "rewards", "backends", "datasets"}
+    assert set(KINDS) == {"models", "checkpoints", "templates", "adapters", "algorithms", "rewards", "backends", "datasets",
+                          "formats"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -83,7 +84,10 @@ def test_registries_route_specs_by_hook_and_class():
         (lambda: specs.Reward("ok", factory="not a ref"), "'package.module:attribute'"),
         (lambda: specs.ModelType("m", loader="a:b", default_template="Bad"), "default_template"),
         (lambda: specs.ModelAlias("m", model_type="m", hf_repo_id="no-slash"), "hf_repo_id"),
-        (lambda: specs.Dataset("d", format="csv"), "format"),
+        (lambda: specs.Dataset("d", format="CSV files"), "format"),
+        (lambda: specs.DataFormat("f"), "needs read .* or open_source"),
+        (lambda: specs.DataFormat("f", detect="a:b", open_source="a:b"), "detect needs read"),
+        (lambda: specs.DataFormat("f", read="a:b", detect_source="a:b"), "detect_source needs open_source"),
         (lambda: specs.Adapter("a", apply="a:b", requires=("",)), "non-empty strings"),
         (lambda: specs.Backend("b", factory="a:b", description=3), "description"),
     ],
