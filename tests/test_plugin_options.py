@@ -267,3 +267,32 @@ def test_core_plan_pipelines_and_trainers_never_name_a_registered_plugin(plugin_
         found += [f"{path.name}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
                   if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings]  # fmt: skip
     assert not found, found
+
+
+def test_a_templates_options_reach_its_factory(register_plugin):
+    from vistune.loading import make_encoder
+    from vistune.plan import Plan
+    from vistune.specs import Template
+
+    made = []
+
+    def factory(processor, options):
+        made.append(options)
+        return object()
+
+    spec = Template("system-test", factory=factory,
+                    options=(Option("system", "str", "", "system prompt put before every conversation"),))  # fmt: skip
+
+    class Plugin:
+        @hookimpl
+        def vistune_register_templates(self, register):
+            register(spec)
+
+    register_plugin(Plugin())
+    plan = Plan(build_config({"task": "sft", "system-test": {"system": "Be brief."}, "max_length": 64}))
+    plan.template = spec
+    make_encoder(plan, processor=None)
+    plan_defaults = Plan(build_config({"task": "sft"}))
+    plan_defaults.template = spec
+    make_encoder(plan_defaults, processor=None)
+    assert [(o.max_length, o.plugin_options) for o in made] == [(64, {"system": "Be brief."}), (2048, {"system": ""})]

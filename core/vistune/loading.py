@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from vistune.models import LoadOptions
+from vistune.options import spec_option_values
 from vistune.plan import Plan
 from vistune.plugins import get_plugin_manager
 from vistune.specs import load_ref
@@ -39,7 +40,8 @@ def load_model(plan: Plan, *, for_training: bool) -> tuple[Any, Any]:
 def make_encoder(plan: Plan, processor: Any):
     """The plan's template, bound to ``processor``."""
     factory = load_ref(plan.template.factory)
-    options = TemplateOptions(max_length=plan.config.max_length, truncation=plan.config.truncation)
+    options = TemplateOptions(max_length=plan.config.max_length, truncation=plan.config.truncation,
+                              plugin_options=spec_option_values(plan.config, plan.template))  # fmt: skip
     return factory(processor, options)
 
 

@@ -37,6 +37,8 @@ class TemplateOptions:
     max_length: int = 2048
     #: "error" raises on a sample longer than max_length; "drop" makes encode return None.
     truncation: str = "error"
+    #: The template's own declared options (its spec's ``options``) with the run's values, defaults filled in.
+    plugin_options: dict[str, Any] = attrs.field(factory=dict, converter=dict)
 
 
 class Encoder(Protocol):

@@ -25,14 +25,20 @@ def tokenizer_of(processor: Any) -> Any:
     return getattr(processor, "tokenizer", None) or processor
 
 
-def template_encoder(processor: Any, template_name: str, max_length: int) -> Any:
-    """The :class:`vistune.templates.Encoder` of a registered template; longer prompts are refused."""
+def template_encoder(processor: Any, template_name: str, max_length: int, config: Any = None) -> Any:
+    """The :class:`vistune.templates.Encoder` of a registered template; longer prompts are refused.
+
+    The template's own options come from ``config`` (their defaults without one).
+    """
+    from vistune.options import spec_option_values
     from vistune.plugins import get_plugin_manager
     from vistune.specs import load_ref
     from vistune.templates import TemplateOptions
 
     template = get_plugin_manager().registries.templates.get(template_name)
-    return load_ref(template.factory)(processor, TemplateOptions(max_length=max_length, truncation="error"))
+    options = TemplateOptions(max_length=max_length, truncation="error",
+                              plugin_options=spec_option_values(config, template))  # fmt: skip
+    return load_ref(template.factory)(processor, options)
 
 
 def encode_prompt(prompt: Any, encoder: Any, tokenizer: Any) -> dict[str, Any]:
@@ -134,7 +140,8 @@ class CheckpointPrompts:
         processor = load_processor(str(model_path), config.trust_remote_code)
         self.tokenizer = tokenizer_of(processor)
         if encoder is None:
-            encoder = template_encoder(processor, config.template or model_type.default_template, self.max_model_len)
+            encoder = template_encoder(processor, config.template or model_type.default_template, self.max_model_len,
+                                       config)  # fmt: skip
         self.encoder = encoder
 
     def encode(self, request: Any, adapters: Any, max_model_len: int) -> tuple[list[int], list[Any], int]:

@@ -142,7 +142,8 @@ class TransformersEngine:
         model, processor = load_ref(model_type.loader)(str(model_path), options)
         pm = get_plugin_manager()
         pm.hook.vistune_model_loaded(model=model, processor=processor, model_type=model_type, config=config)
-        encoder = template_encoder(processor, config.template or model_type.default_template, _max_model_len(model))
+        encoder = template_encoder(processor, config.template or model_type.default_template, _max_model_len(model),
+                                   config)  # fmt: skip
         self._setup(model, processor, encoder, max_batch_size=config.max_batch_size)
         if config.adapter_path:
             self.add_adapter("default", config.adapter_path)

@@ -257,8 +257,8 @@ def check_template(
     :returns: what ``encode`` returned for ``sample``.
     """
     _check_spec_type(spec, specs.Template)
-    check_options(spec)
-    options = options or TemplateOptions()
+    declared = check_options(spec)
+    options = options or TemplateOptions(plugin_options={option.name: option.default for option in declared})
     factory = _load(spec, "factory")
     encoder = factory(processor, options)
     for method in ("encode", "encode_prompt", "decode"):
