@@ -296,3 +296,19 @@ def test_a_templates_options_reach_its_factory(register_plugin):
     plan_defaults.template = spec
     make_encoder(plan_defaults, processor=None)
     assert [(o.max_length, o.plugin_options) for o in made] == [(64, {"system": "Be brief."}), (2048, {"system": ""})]
+
+
+def test_plugin_names_with_dots_take_sections_and_flags(register_plugin):
+    from vistune.specs import Template
+
+    spec = Template("chat-v2.5", factory=lambda processor, options: None,
+                    options=(Option("system", "str", "", "system prompt"),))  # fmt: skip
+
+    class Plugin:
+        @hookimpl
+        def vistune_register_templates(self, register):
+            register(spec)
+
+    register_plugin(Plugin())
+    assert build_config({"chat-v2.5": {"system": "hi"}}).config.options == {"chat-v2.5": {"system": "hi"}}
+    assert load_config(None, ["--chat-v2.5.system", "yo"]).config.options == {"chat-v2.5": {"system": "yo"}}

@@ -637,7 +637,7 @@ def load_config(path: str | None, overrides: list[str] | None = None, task: str 
         canonical = KEY_ALIASES.get(key, key)
         for other in [k for k in values if KEY_ALIASES.get(k, k) == canonical]:
             del values[other]
-        section, dot, name = key.partition(".")
+        section, dot, name = key.rpartition(".")
         if dot and isinstance(values.get(section), dict) and name in values[section]:
             # --lora.rank replaces the rank of the file's lora section
             values[section] = {k: v for k, v in values[section].items() if k != name}

@@ -97,7 +97,8 @@ class Catalog:
         return found
 
     def label(self, section: str) -> str:
-        return " / ".join(f"{CHOOSING_KEY[kind]} {spec.name}" for kind, spec in self.plugins.get(section, ())) or section
+        plugins = self.plugins.get(section, ())
+        return " / ".join(f"{CHOOSING_KEY[kind]} {spec.name}" for kind, spec in plugins) or section
 
     def known_keys(self) -> list[str]:
         return [name for name in self.plugins if self.options(name)] + list(self.aliases)
@@ -178,8 +179,9 @@ def collect(
         if is_core_key(text):
             continue
         source = sources.get(key, default_source)
-        if "." in text:  # --lora.rank 16, or lora.rank: 16
-            section, _, name = text.partition(".")
+        # --lora.rank 16, or lora.rank: 16 (plugin names may hold dots, option names never do)
+        section, dot, name = text.rpartition(".")
+        if dot and text not in catalog.plugins:
             if section in catalog.plugins:
                 consumed.add(key)
                 _set_section(out, catalog, section, {name: value}, sources, source, problems, prefix_source=False)
@@ -222,7 +224,8 @@ def _set_section(out: PluginValues, catalog: Catalog, section: str, given: Mappi
             listed = ", ".join(declared) or "none"
             problems.append(ConfigError(
                 f"{source}: {catalog.label(section)} has no option {name!r}{_close(str(name), declared)}; "
-                f"its options: {listed}", hint=f"`vistune {_task_hint(catalog, section)} --help` lists every plugin's options",
+                f"its options: {listed}",
+                hint=f"`vistune {_task_hint(catalog, section)} --help` lists every plugin's options",
             ))  # fmt: skip
             continue
         try:
@@ -251,8 +254,8 @@ def merge_algorithm_options(out: PluginValues, catalog: Catalog, algorithm: str,
         option = declared.get(str(name))
         if option is None:
             problems.append(ConfigError(
-                f"{where}: algorithm_options: algorithm {algorithm} has no option {name!r}{_close(str(name), declared)}; "
-                f"its options: {', '.join(declared)}",
+                f"{where}: algorithm_options: algorithm {algorithm} has no option {name!r}"
+                f"{_close(str(name), declared)}; its options: {', '.join(declared)}",
             ))  # fmt: skip
             continue
         try:

@@ -84,7 +84,8 @@ def _check_option_name(instance, attribute, value):
     if value is None and attribute.default is None:
         return
     if not isinstance(value, str) or not OPTION_NAME_PATTERN.match(value):
-        raise ValueError(f"Option.{attribute.name} must be a lower-case identifier (letters, digits, '_'), got {value!r}")
+        raise ValueError(f"Option.{attribute.name} must be a lower-case identifier (letters, digits, '_'), "
+                         f"got {value!r}")  # fmt: skip
 
 
 @attrs.frozen
@@ -103,7 +104,9 @@ class Option:
     type: str = attrs.field(validator=attrs.validators.in_(OPTION_TYPES))
     default: Any = attrs.field()
     help: str = attrs.field(validator=attrs.validators.instance_of(str))
-    choices: tuple[Any, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple), kw_only=True)
+    choices: tuple[Any, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(tuple), kw_only=True
+    )
     minimum: float | None = attrs.field(default=None, kw_only=True)
     maximum: float | None = attrs.field(default=None, kw_only=True)
     alias: str | None = attrs.field(default=None, validator=_check_option_name, kw_only=True)

@@ -114,7 +114,8 @@ def lora_target_names(model: Any, model_type: Any, config: Any) -> list[str]:
     """Full names of the modules LoRA adapts, in model order.
 
     The adapter's ``target_modules`` option (flat key ``lora_target_modules``) is
-    ``["all-linear"]`` (every linear layer in scope but the output layer) or module names matched the way peft matches them (``q_proj`` matches
+    ``["all-linear"]`` (every linear layer in scope but the output layer) or module names
+    matched the way peft matches them (``q_proj`` matches
     ``...self_attn.q_proj``).  A name that matches nothing in scope is an error naming it.
     """
     from vistune.adapters.options import lora_options

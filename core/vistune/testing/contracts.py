@@ -145,7 +145,8 @@ def check_options(spec: Any) -> tuple[specs.Option, ...]:
         if option.minimum is not None and option.maximum is not None:
             _fail_unless(option.minimum <= option.maximum, spec, f"{what}: minimum is above maximum")
         if option.alias is not None:
-            _fail_unless(option.alias not in core_keys, spec, f"{what}: its alias {option.alias!r} is a core config key")
+            _fail_unless(option.alias not in core_keys, spec,
+                         f"{what}: its alias {option.alias!r} is a core config key")  # fmt: skip
     return options
 
 
