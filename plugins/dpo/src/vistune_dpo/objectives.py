@@ -49,6 +49,8 @@ def _reward_metrics(chosen_rewards: Any, rejected_rewards: Any, chosen_logps: An
         "rewards/margins": _mean(chosen_rewards - rejected_rewards),
         "logps/chosen": _mean(chosen_logps.detach()),
         "logps/rejected": _mean(rejected_logps.detach()),
+        # how often the policy itself ranks the chosen answer first (meaningful before training too)
+        "logps/accuracies": _mean((chosen_logps > rejected_logps).float()),
     }
 
 

@@ -84,8 +84,10 @@ def build_trainer(plan: Plan, objective: Any):
     train_items = PreferenceItems(train_records, encoder, paired=objective.paired)
     eval_items = PreferenceItems(eval_records, encoder, paired=objective.paired) if eval_records is not None else None
     collator = PreferenceCollator(encoder, pad_token_id(processor), pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
+    # with held-out pairs, the first evaluation is of the starting policy: the figures training is judged against
     args = training_arguments(config, plan.launch.device, has_eval=eval_items is not None,
-                              include_num_input_tokens_seen="no", **adapter_trainer_overrides(plan))  # fmt: skip
+                              include_num_input_tokens_seen="no", eval_on_start=eval_items is not None,
+                              **adapter_trainer_overrides(plan))  # fmt: skip
     trainer = PreferenceTrainer(
         model=model,
         args=args,
