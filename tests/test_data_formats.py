@@ -351,6 +351,10 @@ def test_hub_dataset_ids_load_through_datasets(tmp_path, monkeypatch):
     read_dataset(locate_dataset("someorg/captions", Registry("dataset", Dataset)))
     assert calls[-1] == ("someorg/captions", None)  # no split named: the train split of the DatasetDict
     assert locate_dataset("data/train.jsonl", Registry("dataset", Dataset)).format is None  # a missing file, no id
+    (tmp_path / "mydata").mkdir()
+    monkeypatch.chdir(tmp_path)
+    mistyped = locate_dataset("mydata/train", Registry("dataset", Dataset))  # mydata/ is a local folder: no hub id
+    assert not mistyped.found and mistyped.how == "mydata/train does not exist"
 
 
 def test_an_offline_hub_dataset_that_is_not_cached_names_the_id(tmp_path, monkeypatch):

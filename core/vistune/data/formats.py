@@ -117,7 +117,23 @@ def text_field(record: dict, key: str, where: str, *, required: bool = True) -> 
     return value
 
 
-# -- choosing the format of each record ------------------------------------------------------
+# -- choosing the source format of a dataset, and the format of each record ----------------------
+
+
+def detected_source(formats: Iterable[DataFormat], location: str) -> DataFormat | None:
+    """The one source format whose ``detect_source`` claims ``location`` (a path or a hub id), if any.
+
+    :raises DataError: when several claim it.
+    """
+    claims = [f for f in formats if f.detect_source is not None and load_ref(f.detect_source)(location)]
+    if len(claims) > 1:
+        names = " and ".join(repr(f.name) for f in claims)
+        raise DataError(f"{location} could be opened by the data formats {names}",
+                        hint="register the dataset with the format it is in")  # fmt: skip
+    return claims[0] if claims else None
+
+
+
 
 
 def _checked_sample(result: Any, fmt: DataFormat, where: str) -> Sample:

@@ -8,7 +8,8 @@ from pathlib import Path
 import attrs
 
 from vistune.registry import Registry
-from vistune.specs import DataFormat, Dataset, load_ref
+from vistune.data.formats import detected_source
+from vistune.specs import DataFormat, Dataset
 
 
 def cache_dir() -> Path:
@@ -43,13 +44,14 @@ def guess_format(path: str | Path, formats: Registry[DataFormat] | None = None) 
     ``records`` is a JSON/JSONL file whose records' formats are told apart one by one.
 
     :param formats: the registered data formats (default: the process's plugins').
+    :raises DataError: when two source formats claim ``path``.
     """
     if formats is None:
         from vistune.data.readers import registered_formats
 
         formats = registered_formats()
-    claims = [f.name for f in formats if f.detect_source is not None and load_ref(f.detect_source)(str(path))]
-    return claims[0] if len(claims) == 1 else "records"
+    detected = detected_source(formats, str(path))
+    return detected.name if detected is not None else "records"
 
 
 def locate_dataset(

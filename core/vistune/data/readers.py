@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vistune.data.formats import RecordReader
+from vistune.data.formats import RecordReader, detected_source
 from vistune.data.locate import DatasetLocation
 from vistune.data.sources import open_records_file
 from vistune.errors import DataError
@@ -365,16 +365,6 @@ def _format(formats: Registry[DataFormat], name: str, field: str) -> DataFormat:
     return formats.get(name)
 
 
-def _detected_source(formats: Registry[DataFormat], location: str) -> DataFormat | None:
-    """The one source format whose ``detect_source`` claims ``location`` (a path or a hub id), if any."""
-    claims = [f for f in formats if f.detect_source is not None and load_ref(f.detect_source)(location)]
-    if len(claims) > 1:
-        names = " and ".join(repr(f.name) for f in claims)
-        raise DataError(f"{location} could be opened by the data formats {names}",
-                        hint="register the dataset with the format it is in")  # fmt: skip
-    return claims[0] if claims else None
-
-
 def open_source(location: DatasetLocation, formats: Registry[DataFormat]) -> Any:
     """The record source of a located dataset: its source format's, or its JSON/JSONL file."""
     if not location.found:
@@ -386,7 +376,7 @@ def open_source(location: DatasetLocation, formats: Registry[DataFormat]) -> Any
     path = Path(location.data_file)
     if not path.exists():
         raise DataError(f"{path} does not exist", hint=location.hint)
-    detected = _detected_source(formats, named)
+    detected = detected_source(formats, named)
     if detected is not None:
         return load_ref(detected.open_source)(named)
     if path.is_dir():

@@ -223,8 +223,12 @@ def open_saved_dataset(location: str) -> DatasetsSource:
 
 
 def is_hub_id(location: str) -> bool:
-    """``location`` reads as ``org/name`` or ``org/name:split`` and is no local path."""
-    if location.endswith((".json", ".jsonl")) or os.path.exists(os.path.expanduser(location)):
+    """``location`` reads as ``org/name`` or ``org/name:split`` and is no local path.
+
+    A name whose ``org`` is a local folder is a mistyped local path, not an id.
+    """
+    local = os.path.expanduser(location)
+    if location.endswith((".json", ".jsonl")) or os.path.exists(local) or os.path.isdir(os.path.dirname(local)):
         return False
     return HUB_ID.match(location) is not None
 
