@@ -77,6 +77,40 @@ def test_outputs_become_deltas_and_finish_reasons():
         finish_reason({"finish_reason": {"type": "abort", "message": "client gone"}})
 
 
+def test_names_match_the_pinned_sglang_api():
+    """Everywhere (CI too): the names the translation produces, against sglang 0.5.23's signatures read from its wheel."""
+    from pinned_sglang_api import pinned
+
+    api = pinned()
+    assert api["version"] == "0.5.23"
+    params = sampling_params(SamplingParams(max_tokens=4, temperature=0.5, top_p=0.9, n=2, seed=1, stop=["x"]), 1)
+    assert set(params) <= set(api["SamplingParams"]), set(params) - set(api["SamplingParams"])
+    sent = {"sampling_params", *generate_kwargs([1, 2], ["img"], "default", stream=True)}
+    assert sent <= set(api["Engine"]["async_generate"]) and sent <= set(api["GenerateReqInput"])
+    assert {"lora_name", "lora_path"} <= set(api["Engine"]["async_load_lora_adapter"])
+    assert "shutdown" in api["Engine"]
+    config = RunConfig(task="serve", tensor_parallel_size=2, quantization="awq", adapter_path="/a")
+    kwargs = engine_kwargs("/m", config, context_length=8, lora_paths={"a": "/a"})
+    assert set(kwargs) <= set(api["ServerArgs"]), set(kwargs) - set(api["ServerArgs"])
+
+
+def test_pinned_api_is_sglang_s_own():
+    """Only where sglang imports (a CUDA machine, never CI): the pinned copy is the installed sglang's API."""
+    sglang = pytest.importorskip("sglang")
+    import importlib.metadata
+
+    from pinned_sglang_api import pinned, read_installed
+
+    copy = pinned()
+    if importlib.metadata.version("sglang") != copy["version"]:
+        pytest.skip(f"sglang {importlib.metadata.version('sglang')} is installed, {copy['version']} is pinned: "
+                    "pin it again (plugins/sglang/tests/pinned_sglang_api.py says how)")  # fmt: skip
+    installed = read_installed(sglang.__path__[0])
+    assert {k: v for k, v in copy.items() if k != "read_from"} == installed
+    live = inspect.signature(sglang.Engine.async_generate).parameters
+    assert set(live) - {"self"} == set(copy["Engine"]["async_generate"])
+
+
 def test_names_match_sglangs_api():
     """Only where sglang imports (a CUDA machine): the keys we send are parameters SGLang accepts."""
     sglang = pytest.importorskip("sglang")

@@ -71,6 +71,36 @@ class FakeSglangEngine:
         self.shut_down = True
 
 
+def test_the_stand_in_has_sglang_s_signatures():
+    """The stand-in takes what the pinned sglang.Engine takes (names and defaults), so it cannot accept more."""
+    import inspect
+
+    from pinned_sglang_api import pinned
+
+    api = pinned()["Engine"]
+    for name in ("async_generate", "async_load_lora_adapter", "shutdown"):
+        parameters = inspect.signature(getattr(FakeSglangEngine, name)).parameters
+        ours = {p: None if v.default is inspect.Parameter.empty else repr(v.default) for p, v in parameters.items()}
+        ours.pop("self")
+        assert set(ours) <= set(api[name]), (name, set(ours) - set(api[name]))
+        assert {p: d for p, d in ours.items() if d is not None} == {p: api[name][p] for p in ours if ours[p] is not None}
+        required = {p for p, d in api[name].items() if d is None}
+        assert required <= set(ours), (name, required - set(ours))
+
+
+def test_what_the_engine_sends_is_in_sglang_s_pinned_api(engine):
+    """The keyword arguments SglangEngine really passed, against the pinned signatures (sglang 0.5.23)."""
+    from pinned_sglang_api import pinned
+
+    api = pinned()
+    engine.generate([GenerationRequest(chat("Name a colour."), SamplingParams(max_tokens=2, n=2, seed=3, stop=["x"]))])
+    assert engine._engine.requests
+    for request in engine._engine.requests:
+        assert set(request) <= set(api["Engine"]["async_generate"])
+        assert set(request["sampling_params"]) <= set(api["SamplingParams"])
+    assert set(engine._engine.server_args) <= set(api["ServerArgs"]), set(engine._engine.server_args) - set(api["ServerArgs"])
+
+
 @pytest.fixture
 def adapter_dir(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA"}))
