@@ -437,6 +437,18 @@ def test_a_third_party_format_registered_by_a_plugin_is_detected_validated_and_l
     assert samples[0].messages[1]["content"] == "red"
 
 
+def test_a_detector_that_raises_is_named_with_the_record(tmp_path, register_plugin):
+    class Fragile:
+        @hookimpl
+        def vistune_register_data_formats(self, register):
+            register(DataFormat("fragile", read=read_vqa, detect=lambda record: record["question"] is not None))
+
+    register_plugin(Fragile())
+    path = write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
+    with pytest.raises(DataError, match=rf"{path}:1: the detector of data format 'fragile' raised KeyError: 'question'"):
+        read_records_file(path)[0]
+
+
 # -- contract check ----------------------------------------------------------------------------------
 
 

@@ -133,9 +133,6 @@ def detected_source(formats: Iterable[DataFormat], location: str) -> DataFormat 
     return claims[0] if claims else None
 
 
-
-
-
 def _checked_sample(result: Any, fmt: DataFormat, where: str) -> Sample:
     """``result`` if it is what readers promise: a Sample of ``{"role", "content": str}`` messages."""
     if not isinstance(result, Sample):
@@ -173,6 +170,15 @@ class RecordReader:
             self._loaded["detectors"] = [(fmt, self._function(fmt, "detect")) for fmt in self.detecting]
         return self._loaded["detectors"]
 
+    @staticmethod
+    def _claims(fmt: DataFormat, detect: Any, record: dict, where: str) -> bool:
+        try:
+            return bool(detect(record))
+        except Exception as exc:  # a plugin's detector must not take the reading down unexplained
+            raise DataError(f"{where}: the detector of data format {fmt.name!r} raised {type(exc).__name__}: {exc}",
+                            hint="a detector returns True or False for any record; fix that plugin or set "
+                            "dataset_format")  # fmt: skip
+
     def format_of(self, record: Any, where: str) -> DataFormat:
         """The format that reads ``record``.
 
@@ -183,7 +189,7 @@ class RecordReader:
             raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
         if self.declared is not None:
             return self.declared
-        claims = [fmt for fmt, detect in self._detectors() if detect(record)]
+        claims = [fmt for fmt, detect in self._detectors() if self._claims(fmt, detect, record, where)]
         if len(claims) == 1:
             return claims[0]
         keys = ", ".join(record) or "none"
