@@ -30,6 +30,11 @@ Source formats (a ``dataset:`` value -> records, read by the formats above):
 
 Each record format takes only the fields it knows; every other field of a record
 (``solution``, ``id``...) reaches rewards and metrics as a column of that name.
+
+Why not TRL's converters: ``trl.data_utils.maybe_convert_to_chatml`` renames ShareGPT's
+``from``/``value`` keys but keeps its ``human``/``gpt`` roles and knows no images, history,
+query/response or Alpaca fields, and importing it imports transformers (seconds), while
+these readers also run in the check of every record before anything heavy loads.
 """
 
 from __future__ import annotations
