@@ -23,13 +23,17 @@ def lora_plus_spec(**fields):
                    options=(*LORA_OPTIONS, RATIO), **fields)  # fmt: skip
 
 
-class AdapterPlugin:
-    def __init__(self, spec):
-        self.spec = spec
+def SpecPlugin(spec):  # noqa: N802 (it stands for a plugin class)
+    """A plugin that registers one spec through the registration hook of its kind."""
+    from vistune.specs import Template
 
-    @hookimpl
-    def vistune_register_adapters(self, register):
-        register(self.spec)
+    hook = {Adapter: "vistune_register_adapters", Template: "vistune_register_templates",
+            Reward: "vistune_register_rewards"}[type(spec)]  # fmt: skip
+
+    def register_one(self, register):
+        register(spec)
+
+    return type("SpecPlugin", (), {hook: hookimpl(register_one)})()
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -45,7 +49,7 @@ def test_section_and_flag_values_reach_the_plugin_with_defaults_filled(tmp_path,
     from vistune.options import option_values
 
     spec = lora_plus_spec()
-    register_plugin(AdapterPlugin(spec))
+    register_plugin(SpecPlugin(spec))
     path = write(tmp_path, "adapter: lora-plus-test\nlora-plus-test:\n  rank: 4\n  lr_ratio: 8\n")
     config = load_config(path, ["--lora-plus-test.target-modules", "[q_proj]"], task="sft").config
     values = option_values(config, "lora-plus-test", spec.options)
@@ -55,7 +59,7 @@ def test_section_and_flag_values_reach_the_plugin_with_defaults_filled(tmp_path,
 
 
 def test_bad_options_name_the_file_line_and_the_closest_name(tmp_path, register_plugin):
-    register_plugin(AdapterPlugin(lora_plus_spec()))
+    register_plugin(SpecPlugin(lora_plus_spec()))
     path = write(tmp_path, "adapter: lora\nlora:\n  rank: 8\n  alpah: 32\nlora-plus-test:\n  lr_ratio: fast\n"
                  "lroa: {rank: 4}\n")  # fmt: skip
     with pytest.raises(ConfigError) as caught:
@@ -118,7 +122,7 @@ def test_algorithm_options_are_the_algorithms_section(tmp_path):
 
 def test_dry_run_shows_the_chosen_plugins_options_and_warns_about_the_others(tmp_path, tiny_llama, register_plugin,
                                                                             capsys):  # fmt: skip
-    register_plugin(AdapterPlugin(lora_plus_spec()))
+    register_plugin(SpecPlugin(lora_plus_spec()))
     data = tmp_path / "data.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     path = write(tmp_path, f"model: {tiny_llama}\ndataset: {data}\nadapter: lora-plus-test\nlora-plus-test:\n"
@@ -132,7 +136,7 @@ def test_dry_run_shows_the_chosen_plugins_options_and_warns_about_the_others(tmp
 
 
 def test_task_help_lists_the_plugins_options(register_plugin, capsys):
-    register_plugin(AdapterPlugin(lora_plus_spec()))
+    register_plugin(SpecPlugin(lora_plus_spec()))
     with pytest.raises(SystemExit):
         main(["sft", "--help"])
     out = capsys.readouterr().out
@@ -166,13 +170,8 @@ def test_reward_options_come_from_its_section_and_each_entry(tmp_path, register_
     from vistune.plan import make_plan
     from vistune.plugins import get_plugin_manager
 
-    class Plugin:
-        @hookimpl
-        def vistune_register_rewards(self, register):
-            register(Reward("scaled-test", factory=scaled, options=(
-                Option("factor", "float", 1.0, "multiplies the length"), Option("floor", "float", 0.0, "lowest score"))))
-
-    register_plugin(Plugin())
+    register_plugin(SpecPlugin(Reward("scaled-test", factory=scaled, options=(
+        Option("factor", "float", 1.0, "multiplies the length"), Option("floor", "float", 0.0, "lowest score")))))  # fmt: skip
     config = {"task": "infer", "model": str(tmp_path), "dataset": str(tmp_path), "scaled-test": {"factor": 2},
               "rewards": [{"name": "scaled-test", "options": {"floor": 1}}, "scaled-test"]}  # fmt: skip
     plan = make_plan(build_config(config), get_plugin_manager())
@@ -227,7 +226,7 @@ def test_rl_reference_model_follows_the_adapters_spec(tmp_path, tiny_llama, regi
     from vistune.plan import make_plan
     from vistune.plugins import get_plugin_manager
 
-    register_plugin(AdapterPlugin(lora_plus_spec(peft_adapter=peft_adapter)))
+    register_plugin(SpecPlugin(lora_plus_spec(peft_adapter=peft_adapter)))
     data = tmp_path / "data.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     loaded = build_config({"task": "rl", "model": str(tiny_llama), "dataset": str(data), "adapter": "lora-plus-test",
@@ -282,13 +281,7 @@ def test_a_templates_options_reach_its_factory(register_plugin):
 
     spec = Template("system-test", factory=factory,
                     options=(Option("system", "str", "", "system prompt put before every conversation"),))  # fmt: skip
-
-    class Plugin:
-        @hookimpl
-        def vistune_register_templates(self, register):
-            register(spec)
-
-    register_plugin(Plugin())
+    register_plugin(SpecPlugin(spec))
     plan = Plan(build_config({"task": "sft", "system-test": {"system": "Be brief."}, "max_length": 64}))
     plan.template = spec
     make_encoder(plan, processor=None)
@@ -301,14 +294,7 @@ def test_a_templates_options_reach_its_factory(register_plugin):
 def test_plugin_names_with_dots_take_sections_and_flags(register_plugin):
     from vistune.specs import Template
 
-    spec = Template("chat-v2.5", factory=lambda processor, options: None,
-                    options=(Option("system", "str", "", "system prompt"),))  # fmt: skip
-
-    class Plugin:
-        @hookimpl
-        def vistune_register_templates(self, register):
-            register(spec)
-
-    register_plugin(Plugin())
+    register_plugin(SpecPlugin(Template("chat-v2.5", factory=lambda processor, options: None,
+                                        options=(Option("system", "str", "", "system prompt"),))))  # fmt: skip
     assert build_config({"chat-v2.5": {"system": "hi"}}).config.options == {"chat-v2.5": {"system": "hi"}}
     assert load_config(None, ["--chat-v2.5.system", "yo"]).config.options == {"chat-v2.5": {"system": "yo"}}
