@@ -38,6 +38,21 @@ def test_engine_arguments_follow_the_config():
     without_lora = engine_kwargs("/models/llava", config, max_model_len=None, max_lora_rank=None)
     assert without_lora["enable_lora"] is False and "max_lora_rank" not in without_lora
     assert "max_model_len" not in without_lora
+    assert kwargs["enforce_eager"] is False and kwargs["max_loras"] == 4  # the backend's declared defaults
+
+
+def test_the_backends_own_options_reach_the_engine_arguments(plugin_manager):
+    from vistune.config import load_config
+    from vistune.testing import check_options
+
+    assert [o.name for o in check_options(plugin_manager.registries.backends.get("vllm"))] == ["enforce_eager",
+                                                                                             "max_loras"]  # fmt: skip
+    config = load_config(None, ["--backend", "vllm", "--vllm.enforce_eager", "--vllm.max_loras", "2"],
+                         task="serve").config  # fmt: skip
+    kwargs = engine_kwargs("/models/llava", config, max_model_len=None, max_lora_rank=8)
+    assert kwargs["enforce_eager"] is True and kwargs["max_loras"] == 2
+    with pytest.raises(ConfigError, match=r"vllm.max_loras must be at least 1, got 0"):
+        load_config(None, ["--vllm.max_loras", "0"], task="serve")
     assert quantization("nf4") == quantization("q4_k_m") == "bitsandbytes" and quantization("none") is None
     with pytest.raises(ConfigError, match="not supported by the vllm backend"):
         quantization("int8")

@@ -2,6 +2,7 @@
 
 from vistune import hookimpl
 from vistune.specs import Backend
+from vistune_vllm.translate import OPTIONS
 
 
 @hookimpl
@@ -12,6 +13,7 @@ def vistune_register_backends(register):
             factory="vistune_vllm.engine:VllmEngine",
             requires=("vllm",),
             tensor_parallel=True,
+            options=OPTIONS,
             description="vLLM (paged attention, continuous batching, tensor parallel, LoRA, quantized checkpoints)",
         )
     )

@@ -11,6 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from vistune.errors import ConfigError
+from vistune.options import option_values
+from vistune.specs import Option
+
+#: The backend's own settings (``vllm: {enforce_eager: true}`` in a config), passed to ``AsyncEngineArgs``.
+OPTIONS = (
+    Option("enforce_eager", "bool", False, "run without CUDA graphs: starts faster, decodes slower"),
+    Option("max_loras", "int", 4, "LoRA adapters the engine holds at once (when adapters are served)", minimum=1),
+)
 
 #: vistune quantization names -> vLLM's ``quantization`` argument.  Checkpoints quantized
 #: ahead of time load as saved; bitsandbytes NF4 is quantized by vLLM at load time.
@@ -58,6 +66,7 @@ def sampling_kwargs(sampling: Any, *, stream: bool) -> dict[str, Any]:
 def engine_kwargs(model_path: str, config: Any, *, max_model_len: int | None, max_lora_rank: int | None
                   ) -> dict[str, Any]:  # fmt: skip
     """Keyword arguments of ``vllm.AsyncEngineArgs`` from a run config; LoRA is enabled with a ``max_lora_rank``."""
+    options = option_values(config, "vllm", OPTIONS)
     kwargs: dict[str, Any] = {
         "model": model_path,
         "tokenizer": model_path,
@@ -70,10 +79,11 @@ def engine_kwargs(model_path: str, config: Any, *, max_model_len: int | None, ma
         "max_num_seqs": max(config.max_batch_size, 1),
         "enable_lora": max_lora_rank is not None,
         "disable_log_stats": True,
+        "enforce_eager": options["enforce_eager"],
     }
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
     if max_lora_rank is not None:
         kwargs["max_lora_rank"] = max_lora_rank
-        kwargs["max_loras"] = 4
+        kwargs["max_loras"] = options["max_loras"]
     return kwargs
