@@ -506,7 +506,7 @@ def check_reward(
         raise ContractError("check_reward needs prompts and every column to have one entry per completion")
     factory = _load(spec, "factory")
     # declared options reach the factory with their defaults filled in, as in a run
-    reward = factory(**{option.name: option.default for option in spec.options}, **dict(options or {}))
+    reward = factory(**{**{option.name: option.default for option in spec.options}, **dict(options or {})})
     _fail_unless(callable(reward), spec, f"factory() must return a callable, got {reward!r}")
     scores = _run(call_reward(reward, list(prompts), list(completions), **columns))
     _fail_unless(isinstance(scores, (list, tuple)), spec, f"the reward must return a list, got {scores!r}")

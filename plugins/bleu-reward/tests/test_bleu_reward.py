@@ -59,3 +59,25 @@ def test_bad_options(bleu_spec):
         check_reward(bleu_spec, ["?"], ["a"], {}, options={"smoothing": "method9"})
     with pytest.raises(ConfigError, match="tokenizer"):
         check_reward(bleu_spec, ["?"], ["a"], {}, options={"tokenizer": "punkt"})
+
+
+def test_declared_options_are_the_factorys_defaults_and_are_checked_where_written(bleu_spec, tmp_path):
+    import inspect
+
+    from vistune.config import build_config, load_config
+    from vistune.plan import make_plan
+    from vistune.plugins import get_plugin_manager
+    from vistune.testing import check_options
+    from vistune_bleu_reward.bleu import make_bleu
+
+    defaults = {name: p.default for name, p in inspect.signature(make_bleu).parameters.items()}
+    assert {o.name: o.default for o in check_options(bleu_spec)} == defaults
+    path = tmp_path / "run.yaml"
+    path.write_text("rewards: [bleu]\nbleu:\n  smoothing: method9\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:3: bleu.smoothing must be one of method0, .*method7; got 'method9'"):
+        load_config(str(path), task="rl")
+    # the section gives every use its defaults; an entry's own options win
+    config = {"task": "infer", "model": str(tmp_path), "dataset": str(tmp_path), "bleu": {"max_order": 2},
+              "rewards": ["bleu", {"name": "bleu", "options": {"max_order": 1}}]}  # fmt: skip
+    plan = make_plan(build_config(config), get_plugin_manager())
+    assert [use.options["max_order"] for use in plan.rewards] == [2, 1]

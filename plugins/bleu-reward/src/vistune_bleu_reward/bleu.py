@@ -1,6 +1,7 @@
 """The ``bleu`` reward: ``nltk.translate.bleu_score.sentence_bleu`` of each completion.
 
-Options (the reward's ``options:`` in the config):
+Options (declared on the spec as :data:`OPTIONS`; set in a ``bleu:`` section of the config,
+or in a ``rewards:`` entry's ``options:``, which wins):
 
 ``column``
     the record column holding the reference: one string or a list of strings (several
@@ -32,9 +33,23 @@ from collections.abc import Sequence
 from typing import Any
 
 from vistune.errors import ConfigError
+from vistune.specs import Option
 
 DEFAULT_COLUMNS = ("reference", "references", "caption", "answer")
 TOKENIZERS = ("whitespace", "words")
+#: nltk's SmoothingFunction methods.
+SMOOTHINGS = tuple(f"method{i}" for i in range(8))
+
+#: The options of the reward, with :func:`make_bleu`'s defaults (a test keeps the two equal).
+OPTIONS = (
+    Option("column", "str", None, "record column holding the reference (default: reference, references, caption "
+           "or answer, the first the batch has)"),  # fmt: skip
+    Option("smoothing", "str", "method1", "nltk SmoothingFunction method (method0: none)", choices=SMOOTHINGS),
+    Option("max_order", "int", 4, "longest n-gram, weighted uniformly", minimum=1),
+    Option("lowercase", "bool", True, "compare case-insensitively"),
+    Option("tokenizer", "str", "whitespace", "whitespace (str.split) or words (punctuation split off)",
+           choices=TOKENIZERS),  # fmt: skip
+)
 _WORDS = re.compile(r"\w+|[^\w\s]")
 
 
