@@ -204,6 +204,24 @@ def test_trl_prompt_only_and_prompt_completion_records(tmp_path):
         data[4]
 
 
+def test_images_no_tag_places_go_first_in_the_first_user_message_as_ms_swift_puts_them(tmp_path):
+    png(tmp_path / "a.png")
+    path = write_jsonl(tmp_path / "untagged.jsonl", [
+        {"system": "Be brief.", "query": "What is it?", "response": "A box.", "images": ["a.png"]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compare <image> with it."},
+                      {"role": "assistant", "content": "Same."}], "images": ["a.png", "a.png"]},
+        {"conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A box."}], "images": ["a.png"]},
+        {"instruction": "Describe it.", "output": "A box.", "images": ["a.png"]},
+        {"id": "1", "image": "a.png", "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "?"}]},
+    ])  # fmt: skip
+    data = read_records_file(path)
+    assert data[0].messages[1] == {"role": "user", "content": "<image>What is it?"}
+    assert data[1].messages[1] == {"role": "user", "content": "<image>Compare <image> with it."}  # one was missing
+    assert data[2].messages[0]["content"] == "<image>What?" and data[3].messages[0]["content"] == "<image>Describe it."
+    with pytest.raises(DataError, match=rf"{path}:5: 0 <image> tag\(s\) but 1 image\(s\)"):
+        data[4]  # LLaVA-Instruct records always place their picture
+
+
 # -- images: datasets Image cells and URLs ----------------------------------------------------
 
 
@@ -292,8 +310,8 @@ def test_every_format_is_validated_before_the_model_loads_naming_file_line_and_f
                               {"prompt": [], "completion": "yo"},
                               "'prompt' must be a string or a non-empty list"),
         "messages": ({"messages": [{"role": "user", "content": "<image>hi"}], "images": ["a.png"]},
-                     {"messages": [{"role": "user", "content": "<image>hi"}], "images": ["a.png", "a.png"]},
-                     "1 <image> tag\\(s\\) but 2 image\\(s\\)"),
+                     {"messages": [{"role": "user", "content": "<image><image>hi"}], "images": ["a.png"]},
+                     "2 <image> tag\\(s\\) but 1 image\\(s\\)"),
     }  # fmt: skip
     for name, (good, bad, problem) in cases.items():
         path = write_jsonl(tmp_path / f"{name}.jsonl", [good, bad])

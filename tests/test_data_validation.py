@@ -41,7 +41,7 @@ def broken(tmp_path):
         json.dumps(record(images=["../outside/red.png"])),  # 4: leaves the folder
         json.dumps(record(images=[str(outside)])),  # 5: absolute, elsewhere
         json.dumps(record(images=["../../../../../../etc/passwd"])),  # 6: traversal
-        json.dumps(record(text="no tag")),  # 7: one image, no <image> tag
+        json.dumps(record(text="<image> or <image>?")),  # 7: two <image> tags, one image
         json.dumps({"note": "neither format"}),  # 8: unknown format
     ]
     path = data / "train.jsonl"
@@ -69,7 +69,7 @@ def test_every_problem_is_named_before_reading(broken, monkeypatch):
     for line, problem in [(2, "not valid JSON"), (3, "'missing.png' not found"),
                           (4, "'../outside/red.png' is outside the dataset's folders"),
                           (5, "is outside the dataset's folders"), (6, "'../../../../../../etc/passwd' is outside"),
-                          (7, "0 <image> tag(s) but 1 image(s)"), (8, "the record is in no known data format (its keys: note)")]:  # fmt: skip
+                          (7, "2 <image> tag(s) but 1 image(s)"), (8, "the record is in no known data format (its keys: note)")]:  # fmt: skip
         assert f"{path}:{line}: " in message and problem in message, (line, problem)
     assert f"{path}:1:" not in message
     assert "on_bad_record: skip" in caught.value.hint

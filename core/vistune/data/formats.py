@@ -106,6 +106,22 @@ def exchange(pairs: Any, where: str, field: str) -> list[dict[str, str]]:
     return messages
 
 
+def place_untagged_images(messages: list[dict[str, str]], images: Sequence[Any], where: str) -> None:
+    """Put a tag for each image the text does not place at the start of the first user message.
+
+    That is where ms-swift (its templates' default tags) and TRL put them, so records
+    written for those tools read unchanged.  More tags than images stays an error (the
+    reader's count names it).
+    """
+    missing = len(images) - sum(m["content"].count(IMAGE_TAG) for m in messages)
+    if missing <= 0:
+        return
+    first = next((m for m in messages if m["role"] == "user"), None)
+    if first is None:
+        raise DataError(f"{where}: the record has images but no user message to show them in")
+    first["content"] = IMAGE_TAG * missing + first["content"]
+
+
 def text_field(record: dict, key: str, where: str, *, required: bool = True) -> str | None:
     """``record[key]`` as a string (``None`` when absent and not required)."""
     value = record.get(key)

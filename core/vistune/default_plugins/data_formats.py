@@ -18,7 +18,7 @@ Record formats (one record -> a :class:`vistune.templates.Sample`):
 ``prompt-completion``
     TRL's prompt-only and prompt-completion records, ``{"prompt", "completion", "images"|"image"}``:
     each a string (the user's turn, the answer) or a list of messages; pictures whose place the
-    prompt does not mark go at the start of the first user message, where TRL puts them.
+    prompt does not place go at the start of the first user message, where TRL puts them.
 
 Source formats (a ``dataset:`` value -> records, read by the formats above):
 
@@ -28,6 +28,8 @@ Source formats (a ``dataset:`` value -> records, read by the formats above):
     a Hugging Face Hub dataset id, ``org/name`` or ``org/name:split``, loaded with
     ``datasets.load_dataset``.
 
+Every format but ``llava-instruct`` (whose records always place their picture) puts an image
+that no ``<image>`` tag places at the start of the first user message, as ms-swift and TRL do.
 Each record format takes only the fields it knows; every other field of a record
 (``solution``, ``id``...) reaches rewards and metrics as a column of that name.
 
@@ -42,10 +44,19 @@ from __future__ import annotations
 from typing import Any
 
 from vistune import hookimpl
-from vistune.data.formats import as_list, columns_without, content_text, exchange, present, role, text_field
+from vistune.data.formats import (
+    as_list,
+    columns_without,
+    content_text,
+    exchange,
+    place_untagged_images,
+    present,
+    role,
+    text_field,
+)
 from vistune.errors import DataError
 from vistune.specs import DataFormat
-from vistune.templates import IMAGE_TAG, Sample
+from vistune.templates import Sample
 
 _HERE = "vistune.default_plugins.data_formats"
 
@@ -73,7 +84,9 @@ def read_messages(record: dict, where: str) -> Sample:
     if inline and (listed or bare):
         raise DataError(f"{where}: images are named both inside the messages and in 'images' (or by bare image parts)",
                         hint="name every image in one place")  # fmt: skip
-    return Sample(out, inline or listed, columns_without(record, ("messages", "images")), where)
+    images = inline or listed
+    place_untagged_images(out, images, where)
+    return Sample(out, images, columns_without(record, ("messages", "images")), where)
 
 
 # -- conversations: LLaVA-Instruct and ShareGPT ---------------------------------------------------
@@ -126,6 +139,7 @@ def read_sharegpt(record: dict, where: str) -> Sample:
     if present(record, "images") and present(record, "image"):
         raise DataError(f"{where}: the record has both 'images' and 'image'", hint="list every picture in 'images'")
     images = as_list(record.get("images") if present(record, "images") else record.get("image"))
+    place_untagged_images(messages, images, where)
     return Sample(messages, images, columns_without(record, ("conversations", "system", "images", "image")), where)
 
 
@@ -148,8 +162,9 @@ def read_ms_swift(record: dict, where: str) -> Sample:
     response = text_field(record, "response", where, required=False)
     if response is not None:  # without one the record is a prompt (rl, infer)
         messages.append({"role": "assistant", "content": response})
-    used = ("system", "query", "response", "history", "images")
-    return Sample(messages, as_list(record.get("images")), columns_without(record, used), where)
+    images = as_list(record.get("images"))
+    place_untagged_images(messages, images, where)
+    return Sample(messages, images, columns_without(record, ("system", "query", "response", "history", "images")), where)
 
 
 def is_alpaca(record: dict) -> bool:
@@ -164,8 +179,10 @@ def read_alpaca(record: dict, where: str) -> Sample:
     output = text_field(record, "output", where, required=False)
     if output is not None:
         messages.append({"role": "assistant", "content": output})
+    images = as_list(record.get("images"))
+    place_untagged_images(messages, images, where)
     used = ("system", "instruction", "input", "output", "history", "images")
-    return Sample(messages, as_list(record.get("images")), columns_without(record, used), where)
+    return Sample(messages, images, columns_without(record, used), where)
 
 
 # -- TRL's prompt-completion ----------------------------------------------------------------------------
@@ -205,11 +222,7 @@ def read_prompt_completion(record: dict, where: str) -> Sample:
         raise DataError(f"{where}: images are named both inside the messages and in 'images' (or by bare image parts)",
                         hint="name every image in one place")  # fmt: skip
     images = inline or listed
-    if images and not any(IMAGE_TAG in m["content"] for m in messages):
-        first = next((m for m in messages if m["role"] == "user"), None)
-        if first is None:
-            raise DataError(f"{where}: the record has images but no user message to show them in")
-        first["content"] = IMAGE_TAG * len(images) + first["content"]
+    place_untagged_images(messages, images, where)
     return Sample(messages, images, columns_without(record, ("prompt", "completion", "images", "image")), where)
 
 
