@@ -566,6 +566,10 @@ def test_dry_run_names_the_format_and_refuses_an_unknown_dataset_format(tiny_lla
     assert main(["sft", "--config", str(run), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "someorg/captions:test -> someorg/captions:test  (opened as hf-hub when the run starts; format: sharegpt)" in out
+    run.write_text(run.read_text().replace("dataset_format: sharegpt\n", ""))
+    assert main(["sft", "--config", str(run), "--dry-run"]) == 0
+    assert "(opened as hf-hub when the run starts; format: records detected one by one)" in capsys.readouterr().out
+    run.write_text(run.read_text() + "dataset_format: sharegpt\n")
     run.write_text(run.read_text().replace("sharegpt", "share-gpt"))
     assert main(["sft", "--config", str(run), "--dry-run"]) == 2
     out = capsys.readouterr().out

@@ -325,8 +325,10 @@ def _resolve_dataset(plan: Plan, pm: PluginManager, field: str, name: str | None
         plan.problem(field, exc.message, exc.hint)
         return None
     if location.found:
+        formats = pm.registries.formats
         fmt = plan.config.dataset_format or location.format
-        fmt = "detected per record" if fmt in (None, "records") else fmt
+        if fmt in (None, "records") or (fmt in formats and formats.get(fmt).read is None):  # a source: rows detected
+            fmt = "records detected one by one"
         plan.lines.append((field, f"{name} -> {location.data_file}  ({location.how}; format: {fmt})"))
         if location.spec is not None and location.spec.options:
             plan.lines.append((location.spec.name, describe_options(spec_option_values(plan.config, location.spec))))
