@@ -368,6 +368,8 @@ def test_hub_dataset_ids_load_through_datasets(tmp_path, monkeypatch):
     assert sample.images[0].size == (3, 5) and sample.messages[1]["content"] == "Green."
     read_dataset(locate_dataset("someorg/captions", Registry("dataset", Dataset)))
     assert calls[-1] == ("someorg/captions", None)  # no split named: the train split of the DatasetDict
+    read_dataset(locate_dataset("someorg/captions:train[:1]", Registry("dataset", Dataset)))
+    assert calls[-1] == ("someorg/captions", "train[:1]")  # datasets' own slice syntax passes through
     assert locate_dataset("data/train.jsonl", Registry("dataset", Dataset)).format is None  # a missing file, no id
     (tmp_path / "mydata").mkdir()
     monkeypatch.chdir(tmp_path)
