@@ -178,7 +178,7 @@ def test_reward_options_come_from_its_section_and_each_entry(tmp_path, register_
     assert [use.options for use in plan.rewards] == [{"factor": 2.0, "floor": 1}, {"factor": 2.0, "floor": 0.0}]
     bad = make_plan(build_config({**config, "rewards": [{"name": "scaled-test", "options": {"flor": 1}}]}),
                     get_plugin_manager())  # fmt: skip
-    assert any("reward scaled-test has no option 'flor'" in p.message for p in bad.problems)
+    assert any("reward scaled-test has no option 'flor' (did you mean floor?)" in p.message for p in bad.problems)
 
 
 # -- the contract check ------------------------------------------------------------------

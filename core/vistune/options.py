@@ -111,7 +111,8 @@ def default_catalog() -> Catalog:
     return Catalog.from_registries(get_plugin_manager().registries)
 
 
-def _close(text: str, candidates: Iterable[str]) -> str:
+def close_match(text: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the candidate closest to ``text``, or nothing."""
     close = difflib.get_close_matches(text, list(candidates), n=1, cutoff=0.6) if len(text) < 100 else []
     return f" (did you mean {close[0]}?)" if close else ""
 
@@ -223,7 +224,7 @@ def _set_section(out: PluginValues, catalog: Catalog, section: str, given: Mappi
         if option is None:
             listed = ", ".join(declared) or "none"
             problems.append(ConfigError(
-                f"{source}: {catalog.label(section)} has no option {name!r}{_close(str(name), declared)}; "
+                f"{source}: {catalog.label(section)} has no option {name!r}{close_match(str(name), declared)}; "
                 f"its options: {listed}",
                 hint=f"`vistune {_task_hint(catalog, section)} --help` lists every plugin's options",
             ))  # fmt: skip
@@ -255,7 +256,7 @@ def merge_algorithm_options(out: PluginValues, catalog: Catalog, algorithm: str,
         if option is None:
             problems.append(ConfigError(
                 f"{where}: algorithm_options: algorithm {algorithm} has no option {name!r}"
-                f"{_close(str(name), declared)}; its options: {', '.join(declared)}",
+                f"{close_match(str(name), declared)}; its options: {', '.join(declared)}",
             ))  # fmt: skip
             continue
         try:

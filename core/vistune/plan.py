@@ -416,19 +416,21 @@ def _resolve_rewards(plan: Plan, pm: PluginManager, required: bool) -> None:
 def _reward_options(plan: Plan, spec: specs.Reward, given: dict[str, Any]) -> dict[str, Any]:
     """A declared reward's options: the entry's ``options`` over the reward's section over the defaults."""
     from vistune.errors import ConfigError
-    from vistune.options import convert_option
+    from vistune.options import close_match, convert_option
 
     values = option_values(plan.config, spec.name, spec.options)
     declared = {option.name: option for option in spec.options}
+    where = plan.loaded.where("rewards")
     for name, value in given.items():
         option = declared.get(name)
         if option is None:
-            plan.problem("rewards", f"reward {spec.name} has no option {name!r}; its options: {', '.join(declared)}")
+            plan.problem("rewards", f"reward {spec.name} has no option {name!r}{close_match(str(name), declared)}; "
+                         f"its options: {', '.join(declared)}")  # fmt: skip
             continue
         try:
-            values[name] = convert_option(option, value, f"{spec.name} option {name}", plan.loaded.where("rewards"))
-        except ConfigError as exc:
-            plan.problems.append(Problem("rewards", plan.loaded.where("rewards"), exc.message.split(": ", 1)[-1]))
+            values[name] = convert_option(option, value, f"{spec.name} option {name}", where)
+        except ConfigError as exc:  # the message starts with where, which the problem shows itself
+            plan.problems.append(Problem("rewards", where, exc.message.removeprefix(f"{where}: ")))
     return values
 
 

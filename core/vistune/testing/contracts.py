@@ -346,9 +346,9 @@ def check_adapter(
     """Apply the adapter to ``model`` (a freshly loaded one: it may be changed in place) and check what it trains.
 
     Some parameter must be trainable.  An adapter that adds parameters (LoRA, DoRA...)
-    promises a frozen base model: no original weight may train, and with
-    ``lora_scope: language_model`` no added parameter may sit in the vision tower or
-    projector, except in a part the config asks to train in full
+    promises a frozen base model: no original weight may train, and unless the adapter's
+    ``scope`` option is ``all`` (a LoRA option) no added parameter may sit in the vision
+    tower or projector, except in a part the config asks to train in full
     (``freeze_vision_tower: false`` / ``freeze_projector: false``), which must then
     train.  An adapter that adds none (full fine-tuning, GaLore) must honour
     ``freeze_vision_tower``, ``freeze_projector`` (null: trained) and
