@@ -364,15 +364,3 @@ def test_packed_batches_keep_every_image_of_their_rows(tiny_llava, shapes, tmp_p
     assert len(records) == 2 and all(0 < r["loss"] < 20 for r in records)
     # packed rows have no attention mask to count tokens by: every token counts, without a warning per step
     assert records[0]["tokens"] > 0 and not [w for w in warned if "non-padding tokens" in w]
-
-
-@pytest.mark.parametrize("user_setting", [None, "max_split_size_mb:128"])
-def test_cuda_allocator_grows_segments_unless_the_user_chose(user_setting, monkeypatch):
-    """Set before CUDA starts, so torch's allocator and torchrun's workers read it; a user's own setting wins."""
-    from vistune.pipelines.sft import use_expandable_segments
-
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    if user_setting:
-        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_setting)
-    use_expandable_segments()
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (user_setting or "expandable_segments:True")

@@ -26,7 +26,6 @@ def run(plan: Plan) -> None:
     config = plan.config
     prepare_output_dir(config.output_dir, f"{plan.loaded.where('output_dir')}: output_dir")
     check_liger(plan.loaded)
-    use_expandable_segments()
     resume_from = checkpoints.resolve_resume(
         config, where=plan.loaded.where("resume"), may_delete=launch.is_main_process()
     )
@@ -52,17 +51,6 @@ def run(plan: Plan) -> None:
     if launch.is_main_process():
         print(f"vistune: training data: {trainer.encoded_train_dataset.summary()}", flush=True)
     save_final(trainer, processor, plan)
-
-
-def use_expandable_segments() -> None:
-    """Let PyTorch's CUDA allocator grow segments instead of caching fixed blocks.
-
-    Padded batches change shape from step to step; with fixed blocks the cache fragments
-    and a run reserves GBs it never uses (the QLoRA reference config reserved 10.2 GiB for
-    about 8 GiB allocated).  Set before CUDA starts, and inherited by torchrun's workers;
-    a user's own ``PYTORCH_CUDA_ALLOC_CONF`` is left as it is.
-    """
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def build_trainer(plan: Plan):
