@@ -203,10 +203,10 @@ def test_check_options_catches_unusable_declarations(option, message):
 
 
 def test_check_options_passes_every_registered_plugin(plugin_manager):
-    from vistune.options import OPTION_KINDS
+    from vistune.options import OPTION_KINDS, specs_of
 
-    declared = [spec for kind in OPTION_KINDS for spec in plugin_manager.registries.by_kind[kind] if spec.options]
-    assert {"lora", "dora", "qlora", "galore", "grpo", "dapo"} <= {spec.name for spec in declared}
+    declared = [spec for kind in OPTION_KINDS for spec in specs_of(plugin_manager.registries, kind) if spec.options]
+    assert {"lora", "dora", "qlora", "galore", "grpo", "dapo", "nf4", "int8"} <= {spec.name for spec in declared}
     for spec in declared:
         assert check_options(spec) == spec.options
     with pytest.raises(ContractError, match="its options section would be the config key 'seed'"):
@@ -298,3 +298,27 @@ def test_plugin_names_with_dots_take_sections_and_flags(register_plugin):
                                         options=(Option("system", "str", "", "system prompt"),))))  # fmt: skip
     assert build_config({"chat-v2.5": {"system": "hi"}}).config.options == {"chat-v2.5": {"system": "hi"}}
     assert load_config(None, ["--chat-v2.5.system", "yo"]).config.options == {"chat-v2.5": {"system": "yo"}}
+
+
+def test_quantization_schemes_declare_options_that_reach_bitsandbytes(tmp_path, tiny_llama, capsys):
+    from vistune.loading import load_options
+    from vistune.plan import make_plan
+    from vistune.plugins import get_plugin_manager
+    from vistune.quantization import get_scheme
+
+    path = write(tmp_path, f"model: {tiny_llama}\nquantization: nf4\nadapter: qlora\nnf4:\n  double_quant: false\n"
+                 "int8: {threshold: 4}\n")  # fmt: skip
+    plan = make_plan(load_config(path, task="serve"), get_plugin_manager())
+    assert ("nf4", "double_quant=False") in plan.lines
+    assert any(f"int8 ({path}:6) sets options of quantization int8, which this run does not use" in w
+               for w in plan.warnings)  # fmt: skip
+    options = load_options(plan, for_training=False)
+    # transformers.BitsAndBytesConfig's own field names and values
+    assert get_scheme("nf4").bnb_kwargs(options.quantization_options)["bnb_4bit_use_double_quant"] is False
+    assert get_scheme("q4_k_m").bnb_kwargs()["bnb_4bit_use_double_quant"] is True  # QLoRA's recipe by default
+    assert get_scheme("int8").bnb_kwargs({"threshold": 4.0})["llm_int8_threshold"] == 4.0
+    with pytest.raises(ConfigError, match=r"run.yaml:2: q8_0.threshold must be at least 0, got -1"):
+        load_config(write(tmp_path, "quantization: q8_0\nq8_0: {threshold: -1}\n"), task="sft")
+    with pytest.raises(SystemExit):
+        main(["infer", "--help"])
+    assert "  nf4 (quantization nf4):\n    double_quant: quantize the quantization constants" in capsys.readouterr().out

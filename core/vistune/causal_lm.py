@@ -69,7 +69,7 @@ def _quantization_config(options: LoadOptions, device: str, dtype: Any, keep_ful
                           hint=f"pip install {' '.join(missing)}")  # fmt: skip
     from transformers import BitsAndBytesConfig
 
-    kwargs = scheme.bnb_kwargs()
+    kwargs = scheme.bnb_kwargs(options.quantization_options)
     if scheme.method == "bnb-4bit":
         kwargs["bnb_4bit_compute_dtype"] = dtype
     if keep_full_precision:

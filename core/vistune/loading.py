@@ -23,6 +23,7 @@ def load_options(plan: Plan, *, for_training: bool) -> LoadOptions:
         device=plan.launch.device if plan.launch else config.device,
         attn_implementation=config.attn_implementation,
         quantization=plan.quantization,
+        quantization_options=spec_option_values(config, plan.quantization) if plan.quantization else {},
         trust_remote_code=config.trust_remote_code,
         for_training=for_training,
     )

@@ -33,6 +33,8 @@ class LoadOptions:
     device: str = "auto"
     attn_implementation: str | None = None
     quantization: QuantizationScheme | None = None
+    #: The quantization scheme's option values (its ``options``, with the run's values).
+    quantization_options: dict = attrs.field(factory=dict)
     trust_remote_code: bool = False
     #: Training loads keep the vision tower in full precision and enable input grads.
     for_training: bool = False

@@ -47,10 +47,21 @@ OPTION_KINDS: dict[str, tuple[str, ...]] = {
     "algorithms": ("rl",),
     "rewards": ("rl", "infer"),
     "backends": ("rl", "infer", "serve"),
+    # the core's quantization schemes (vistune.quantization), which declare options the same way
+    "quantization": ("sft", "rl", "infer", "serve"),
 }
 #: The config key that chooses the plugin of each kind (what ``--help`` and messages name).
 CHOOSING_KEY = {"templates": "template", "adapters": "adapter", "datasets": "dataset", "algorithms": "algorithm",
-                "rewards": "rewards", "backends": "backend"}  # fmt: skip
+                "rewards": "rewards", "backends": "backend", "quantization": "quantization"}  # fmt: skip
+
+
+def specs_of(registries: Any, kind: str) -> list[Any]:
+    """The specs of one kind that can declare options: a registry's, or the quantization schemes."""
+    if kind == "quantization":
+        from vistune.quantization import SCHEMES
+
+        return list(SCHEMES.values())
+    return list(registries.by_kind[kind])
 
 
 def option_values(config: Any, plugin: str, declared: Sequence[Option]) -> dict[str, Any]:
@@ -86,7 +97,7 @@ class Catalog:
 
     @classmethod
     def from_registries(cls, registries: Any) -> Catalog:
-        return cls((kind, spec) for kind in OPTION_KINDS for spec in registries.by_kind[kind])
+        return cls((kind, spec) for kind in OPTION_KINDS for spec in specs_of(registries, kind))
 
     def options(self, section: str) -> dict[str, Option]:
         """The options plugins named ``section`` declare (the first declaration of a name wins)."""
@@ -306,7 +317,7 @@ def options_help(registries: Any, task: str) -> str:
     for kind, tasks in OPTION_KINDS.items():
         if task not in tasks:
             continue
-        for spec in registries.by_kind[kind]:
+        for spec in specs_of(registries, kind):
             if not spec.options:
                 continue
             found = True

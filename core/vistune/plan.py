@@ -500,7 +500,8 @@ def _note_unused(plan: Plan) -> None:
     for name in plan.loaded.sources:
         if name != "task" and task not in FIELDS[name].metadata["tasks"]:
             plan.notes.append(f"{name} ({plan.loaded.where(name)}) is not used by `vistune {task}`")
-    used = {spec.name for spec in (plan.template, plan.adapter, plan.algorithm, plan.backend) if spec is not None}
+    chosen = (plan.template, plan.adapter, plan.algorithm, plan.backend, plan.quantization)
+    used = {spec.name for spec in chosen if spec is not None}
     used |= {use.spec.name for use in plan.rewards if use.spec is not None}
     used |= {location.spec.name for location in (plan.dataset, plan.eval_dataset)
              if location is not None and location.spec is not None}  # fmt: skip
@@ -520,6 +521,8 @@ def make_plan(loaded: LoadedConfig, pm: PluginManager) -> Plan:
     plan.quantization = get_scheme(config.quantization)  # the config allows only known schemes
     if plan.quantization:
         plan.lines.append(("quantization", f"{config.quantization}: {plan.quantization.description}"))
+        if plan.quantization.options:
+            plan.lines.append((config.quantization, describe_options(spec_option_values(config, plan.quantization))))
         _check_requirements(plan, "quantization", f"quantization {config.quantization}",
                             plan.quantization.requires, plan.quantization.requires_cuda, "quantization: none")  # fmt: skip
     if task in ("sft", "rl"):

@@ -134,11 +134,14 @@ class TransformersEngine:
     def __init__(self, model_path: str, model_type: Any, config: Any):
         from vistune.models import LoadOptions
         from vistune.plugins import get_plugin_manager
+        from vistune.options import spec_option_values
         from vistune.quantization import get_scheme
         from vistune.specs import load_ref
 
+        scheme = get_scheme(config.quantization)
         options = LoadOptions(dtype=config.dtype, device=config.device, attn_implementation=config.attn_implementation,
-                              quantization=get_scheme(config.quantization), trust_remote_code=config.trust_remote_code)  # fmt: skip
+                              quantization=scheme, trust_remote_code=config.trust_remote_code,
+                              quantization_options=spec_option_values(config, scheme) if scheme else {})  # fmt: skip
         model, processor = load_ref(model_type.loader)(str(model_path), options)
         pm = get_plugin_manager()
         pm.hook.vistune_model_loaded(model=model, processor=processor, model_type=model_type, config=config)
