@@ -36,15 +36,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from sft_product import build_checkpoint, environment, machine, summarise, text_of, write_image  # noqa: E402
+from sft_product import build_checkpoint, environment, execute, machine, text_of, write_image  # noqa: E402
 
 SYSTEMS = ("vistune", "trl")
 SETTINGS = {
@@ -121,24 +119,8 @@ def run_one(args, setting_name: str, system: str, data: Path) -> dict:
     command = (vistune_command if system == "vistune" else trl_command)(args, run, setting, data)
     # environment() reads the timer's stop step from args.steps and puts --site on the path (as for the SFT peers)
     env = environment(args, run / "timings", system)
-    start = time.perf_counter()
-    with (run / "log.txt").open("w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        try:
-            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout,
-                                  cwd=run).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    row["wall_s"] = round(time.perf_counter() - start, 1)
-    try:
-        row.update(summarise(run / "timings", args.warmup, args.steps))
-    except Exception as exc:  # noqa: BLE001 - a failed run is a row that says why
-        return {**row, "error": f"exit {code}: {exc}", "log_tail": (run / "log.txt").read_text().splitlines()[-15:]}
+    row = execute(command, env, run, args, row)
     row.pop("profile", None)
-    if code != 0:
-        row["error"] = f"exit {code} after training"
-        row["log_tail"] = (run / "log.txt").read_text().splitlines()[-15:]
     return row
 
 

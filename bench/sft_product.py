@@ -319,6 +319,11 @@ def run_one(args, setting_name: str, system: str, config: str, *, packing: bool 
     env = environment(args, run / "timings", system)
     if system == "vistune" and args.profile and config == "defaults":  # three steps after the timed ones
         env.update(SFT_BENCH_PROFILE=f"{args.steps + 1}-{args.steps + 3}", SFT_BENCH_STOP_AFTER=str(args.steps + 3))
+    return execute(command, env, run, args, row)
+
+
+def execute(command: list[str], env: dict, run: Path, args, row: dict) -> dict:
+    """Run one system's command in ``run`` (log in ``log.txt``) and return ``row`` with its timings, or why it failed."""
     start = time.perf_counter()
     with (run / "log.txt").open("w") as log:
         log.write(" ".join(command) + "\n")
