@@ -62,9 +62,9 @@ def test_bad_algorithm_options_stop_the_run_before_the_model_loads(llava_eos, sh
     directory, records = shape_pairs
     data = write_jsonl(directory / "trl.jsonl", records)
     result = vistune("rl", "--model", str(llava_eos), "--dataset", str(data), "--algorithm", "dpo", "--output_dir",
-                     str(tmp_path / "out"), "--algorithm_options", "{label_smoothing: 0.7}", check=False)  # fmt: skip
+                     str(tmp_path / "out"), "--dpo.label_smoothing", "0.5", check=False)  # fmt: skip
     assert result.returncode == 2
-    assert "label_smoothing of algorithm 'dpo' must be in [0, 0.5)" in result.stderr
+    assert "dpo.label_smoothing of algorithm 'dpo' must be in [0, 0.5), got 0.5" in result.stderr
     assert "Loading weights" not in result.stderr
 
 

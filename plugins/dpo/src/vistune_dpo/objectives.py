@@ -1,8 +1,9 @@
 """The preference losses, from sequence log-probabilities to a scalar and the numbers to log.
 
 Each algorithm's factory (``factory(config)``, registered in :mod:`vistune_dpo.plugin`)
-builds one of these from the run's config: ``beta`` is the config's key, the rest come
-from ``algorithm_options``.  The trainer computes, for every answer of a batch, the sum
+builds one of these from the run's config: ``beta`` is the config's key, the rest are
+the options its spec declares (:mod:`vistune_dpo.options`), set in the algorithm's
+section (``dpo: {rpo_alpha: 0.5}``) or in ``algorithm_options``.  The trainer computes, for every answer of a batch, the sum
 of its tokens' log-probabilities and its token count (:class:`SequenceLogps`) under the
 policy and, when :attr:`needs_reference`, under the reference model; the objective does
 the rest.  The formulas and the logged names follow TRL (``DPOTrainer``, ``KTOTrainer``,
@@ -17,6 +18,7 @@ from typing import Any
 import attrs
 
 from vistune.rl.algorithm import read_options
+from vistune_dpo.options import OPTIONS
 
 
 @attrs.frozen
@@ -90,17 +92,16 @@ class DPO(PreferenceObjective):
     """
 
     name = "dpo"
-    OPTIONS = {"label_smoothing": 0.0, "rpo_alpha": 0.0, "precompute_ref_log_probs": False}
 
     def __init__(self, config: Any):
-        options = read_options(self.name, config, self.OPTIONS)
+        options = read_options(self.name, config, OPTIONS[self.name])
         self.beta = float(config.beta)
         self.label_smoothing = options["label_smoothing"]
         self.rpo_alpha = options["rpo_alpha"]
         self.precompute_ref_log_probs = options["precompute_ref_log_probs"]
-        _check(self.name, "beta", self.beta > 0, "above 0")
-        _check(self.name, "label_smoothing", 0.0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
-        _check(self.name, "rpo_alpha", self.rpo_alpha >= 0, "at least 0")
+        _check(self.name, "beta", self.beta > 0, "above 0", self.beta)
+        _check(self.name, "label_smoothing", 0.0 <= self.label_smoothing < 0.5, "in [0, 0.5)", self.label_smoothing)
+        _check(self.name, "rpo_alpha", self.rpo_alpha >= 0, "at least 0", self.rpo_alpha)
 
     def loss(self, policy, reference, **extra):
         import torch.nn.functional as F
@@ -133,9 +134,9 @@ class ORPO(PreferenceObjective):
     needs_reference = False
 
     def __init__(self, config: Any):
-        read_options(self.name, config, {})
+        read_options(self.name, config, OPTIONS[self.name])
         self.beta = float(config.beta)
-        _check(self.name, "beta", self.beta > 0, "above 0")
+        _check(self.name, "beta", self.beta > 0, "above 0", self.beta)
 
     def loss(self, policy, reference, **extra):
         import torch
@@ -166,16 +167,15 @@ class SimPO(PreferenceObjective):
 
     name = "simpo"
     needs_reference = False
-    OPTIONS = {"gamma": 1.0, "label_smoothing": 0.0, "cpo_alpha": 0.0}
 
     def __init__(self, config: Any):
-        options = read_options(self.name, config, self.OPTIONS)
+        options = read_options(self.name, config, OPTIONS[self.name])
         self.beta = float(config.beta)
         self.gamma = options["gamma"]
         self.label_smoothing = options["label_smoothing"]
         self.cpo_alpha = options["cpo_alpha"]
-        _check(self.name, "beta", self.beta > 0, "above 0")
-        _check(self.name, "label_smoothing", 0.0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
+        _check(self.name, "beta", self.beta > 0, "above 0", self.beta)
+        _check(self.name, "label_smoothing", 0.0 <= self.label_smoothing < 0.5, "in [0, 0.5)", self.label_smoothing)
 
     def loss(self, policy, reference, **extra):
         import torch.nn.functional as F
@@ -205,15 +205,13 @@ class KTO(PreferenceObjective):
 
     name = "kto"
     paired = False
-    OPTIONS = {"desirable_weight": 1.0, "undesirable_weight": 1.0, "precompute_ref_log_probs": False}
 
     def __init__(self, config: Any):
-        options = read_options(self.name, config, self.OPTIONS)
+        options = read_options(self.name, config, OPTIONS[self.name])
         self.beta = float(config.beta)
         self.desirable_weight = options["desirable_weight"]
         self.undesirable_weight = options["undesirable_weight"]
-        self.precompute_ref_log_probs = options["precompute_ref_log_probs"]
-        _check(self.name, "beta", self.beta > 0, "above 0")
+        _check(self.name, "beta", self.beta > 0, "above 0", self.beta)
 
     def loss(self, policy, reference, *, labels=None, kl_policy=None, kl_reference=None, **extra):
         import torch
@@ -237,9 +235,9 @@ class KTO(PreferenceObjective):
         return losses.nanmean(), metrics
 
 
-def _check(algorithm: str, key: str, ok: bool, expected: str) -> None:
+def _check(algorithm: str, key: str, ok: bool, expected: str, value: Any = None) -> None:
     from vistune.errors import ConfigError
 
     if not ok:
-        where = "beta" if key == "beta" else f"algorithm_options: {key}"
-        raise ConfigError(f"{where} of algorithm {algorithm!r} must be {expected}")
+        where = "beta" if key == "beta" else f"{algorithm}.{key}"
+        raise ConfigError(f"{where} of algorithm {algorithm!r} must be {expected}, got {value!r}")
