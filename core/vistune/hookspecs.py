@@ -61,10 +61,12 @@ def vistune_register_adapters(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def vistune_register_algorithms(register: Callable[[Any], None]) -> None:
-    """Register RL algorithms (GRPO, DAPO...).
+    """Register RL algorithms (GRPO, DAPO, DPO...).
 
     :param register: call ``register(vistune.specs.Algorithm(...))``.  The factory
-        returns an object implementing :class:`vistune.rl.algorithm.RLAlgorithm`.
+        returns an object implementing :class:`vistune.rl.algorithm.RLAlgorithm`, or, for
+        an algorithm with its own ``pipeline`` (learning from stored data), what that
+        pipeline trains with.
     :returns: nothing.
 
     Called once, when plugins are loaded.
