@@ -110,3 +110,28 @@ def test_shapes_preferences_builds_pairs_about_the_same_images(tmp_path, plugin_
         colour, shape = chosen.split()[1:]
         wrong_colour, wrong_shape = rejected.split()[1:]
         assert (colour == wrong_colour) != (shape == wrong_shape)  # exactly one of the two differs
+
+
+def test_registration_is_clean(plugin_manager):
+    info = plugin_manager.infos["dpo"]
+    assert info.errors == []
+    assert sorted(info.registered["algorithms"]) == ["dpo", "kto", "orpo", "simpo"]
+    assert sorted(info.registered["formats"]) == sorted(LAYOUTS)
+    for name in ("dpo", "orpo", "simpo", "kto"):
+        assert plugin_manager.registries.algorithms.get(name).pipeline == "vistune_dpo.pipeline:run"
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_data_format_contract(name, plugin_manager, image_dir, tmp_path):
+    from vistune.testing import check_data_format
+
+    spec = plugin_manager.registries.formats.get(name)
+    example = EXAMPLES[name] | {"images": ["images/0.png"], "id": 3}
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "0.png").write_bytes((image_dir / "images" / "0.png").read_bytes())
+    bad = {key: value for key, value in example.items() if key != LAYOUTS[name][-1]}
+    # no detector, so other formats are not asked to keep out: ms-swift's preference records are messages records
+    # (what an sft run reads them as); a preference run declares the format of its file
+    samples = check_data_format(spec, [example], directory=tmp_path, other_formats=[], bad_records=[bad, "text"])
+    assert samples[0].columns["id"] == 3 and ANSWERS in samples[0].columns
+    assert samples[0].images[0].size == (32, 32)

@@ -53,5 +53,7 @@ _READERS = {"trl-preference": "read_trl_preference", "ms-swift-preference": "rea
 def vistune_register_data_formats(register):
     # no detector: these records are read where a preference run declares them, never guessed for sft
     for name, reader in _READERS.items():
-        register(DataFormat(name, read=f"vistune_dpo.records:{reader}", fields=LAYOUTS[name], example=EXAMPLES[name],
+        images = ("images", "image") if name.startswith("trl") else ("images",)
+        register(DataFormat(name, read=f"vistune_dpo.records:{reader}", fields=LAYOUTS[name] + images,
+                            example=EXAMPLES[name],
                             description=f"preference records ({', '.join(LAYOUTS[name])}) for dpo, orpo, simpo, kto"))
