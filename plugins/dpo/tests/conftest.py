@@ -57,8 +57,11 @@ def write_jsonl(path, records):
     return path
 
 
-def vistune_trainer(model_dir, dataset, output_dir, algorithm="dpo", *overrides):
-    """The trainer ``vistune rl --algorithm ALGORITHM`` builds (same plan, same data path), not yet training."""
+def vistune_trainer(model_dir, dataset, output_dir, algorithm="dpo", *overrides, template="llava-checkpoint"):
+    """The trainer ``vistune rl --algorithm ALGORITHM`` builds (same plan, same data path), not yet training.
+
+    ``template`` None: the model type's default template.
+    """
     from vistune.config import load_config
     from vistune.pipelines.rl import with_algorithm_defaults
     from vistune.plan import make_plan
@@ -67,8 +70,9 @@ def vistune_trainer(model_dir, dataset, output_dir, algorithm="dpo", *overrides)
     from vistune_dpo.pipeline import build_trainer
 
     args = ["--model", str(model_dir), "--dataset", str(dataset), "--algorithm", algorithm, "--device", "cpu",
-            "--dtype", "float32", "--output_dir", str(output_dir), "--template", "llava-checkpoint",
-            "--report_to", "[]", *overrides]  # fmt: skip
+            "--dtype", "float32", "--output_dir", str(output_dir), "--report_to", "[]", *overrides]  # fmt: skip
+    if template:
+        args += ["--template", template]
     plan = make_plan(load_config(None, args, task="rl"), get_plugin_manager())
     plan.raise_if_not_ready()
     plan = with_algorithm_defaults(plan)

@@ -23,6 +23,8 @@ from vistune_dpo.layouts import ANSWERS
 
 #: Encoder outputs that hold images (they travel once per pair).
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+#: Prefix of the KL sequences' keys in an unpaired batch (``kl_input_ids``, ``kl_labels``...).
+KL_PREFIX = "kl_"
 
 
 def with_answer(sample: Sample, answer: str) -> Sample:
@@ -89,8 +91,9 @@ class PreferenceCollator:
 
     Paired: ``input_ids``, ``attention_mask``, ``labels`` of ``2B`` rows (chosen answers,
     then rejected ones), the ``B`` pairs' image tensors, and ``index`` ``(B,)``.
-    Unpaired: ``B`` rows with ``label`` ``(B,)``, and ``kl_input_ids``, ``kl_attention_mask``,
-    ``kl_labels``: row ``i`` is prompt ``i`` with the answer of row ``i - 1``.
+    Unpaired: ``B`` rows with ``label`` ``(B,)``, and the KL sequences' ``kl_input_ids``,
+    ``kl_attention_mask``, ``kl_labels`` (and other per-token keys, ``kl_mm_token_type_ids``):
+    row ``i`` is prompt ``i`` with the answer of row ``i - 1``.
 
     :param encoder: the template (unpaired batches encode their KL sequences with it).
     :param pad_token_id: pads ``input_ids``.
@@ -121,7 +124,5 @@ class PreferenceCollator:
             **batch,
             "index": index,
             "label": torch.tensor([bool(item["label"]) for item in items]),
-            "kl_input_ids": kl["input_ids"],
-            "kl_attention_mask": kl["attention_mask"],
-            "kl_labels": kl["labels"],
+            **{f"{KL_PREFIX}{key}": value for key, value in kl.items()},
         }

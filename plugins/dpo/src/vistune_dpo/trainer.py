@@ -30,11 +30,19 @@ import torch.nn.functional as F
 from vistune.rl.trainer import reference_model
 from vistune.templates import IGNORE_INDEX
 from vistune.training.trainer import VistuneTrainer
-from vistune_dpo.batches import IMAGE_KEYS
+from vistune_dpo.batches import IMAGE_KEYS, KL_PREFIX
 from vistune_dpo.objectives import SequenceLogps
 
 #: Batch keys that are not model inputs.
-NOT_MODEL_INPUTS = ("labels", "index", "label", "kl_input_ids", "kl_attention_mask", "kl_labels")
+NOT_MODEL_INPUTS = ("labels", "index", "label")
+
+
+def token_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The per-token model inputs of ``batch`` (``input_ids``, ``attention_mask``, Qwen-VL's ``mm_token_type_ids``...),
+    without labels and images; ``prefix`` selects the KL sequences' (``kl_``)."""
+    chosen = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)} if prefix else {
+        k: v for k, v in batch.items() if not k.startswith(KL_PREFIX)}
+    return {k: v for k, v in chosen.items() if k not in NOT_MODEL_INPUTS and k not in IMAGE_KEYS}
 
 
 def unwrap(model: Any) -> Any:
@@ -81,16 +89,17 @@ def image_features(model: Any, batch: dict[str, Any]) -> Any:
     return unwrap(model).get_image_features(**images, return_dict=True)
 
 
-def sequence_logps(model: Any, input_ids: Any, attention_mask: Any, labels: Any, extra: dict[str, Any]) -> SequenceLogps:
+def sequence_logps(model: Any, inputs: dict[str, Any], labels: Any, extra: dict[str, Any]) -> SequenceLogps:
     """Per-row sums of the labelled tokens' log-probabilities, and their counts.
 
-    Only the positions that predict a labelled token are projected onto the vocabulary.
+    ``inputs`` are the per-token model inputs (:func:`token_inputs`), ``extra`` the image
+    inputs.  Only the positions that predict a labelled token are projected onto the vocabulary.
     """
     shift = labels[:, 1:]
     keep = (shift != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     if keep.numel() == 0:
         keep = torch.zeros(1, dtype=torch.long, device=labels.device)
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **extra)
+    outputs = model(**inputs, logits_to_keep=keep, use_cache=False, **extra)
     logits = outputs.logits.float()
     targets = shift.index_select(1, keep).to(logits.device)
     mask = targets != IGNORE_INDEX
@@ -149,7 +158,7 @@ class PreferenceTrainer(VistuneTrainer):
         if features is None:
             features = image_features(model, batch)
         extra = image_inputs(model, batch, copies=2, features=features)
-        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], extra)
+        return sequence_logps(model, token_inputs(batch), batch["labels"], extra)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.objective.paired:
@@ -194,17 +203,17 @@ class PreferenceTrainer(VistuneTrainer):
     def _unpaired_loss(self, model, inputs):
         features = image_features(model, inputs)
         extra = image_inputs(model, inputs, copies=1, features=features)
-        policy = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], extra)
+        main, kl_inputs = token_inputs(inputs), token_inputs(inputs, KL_PREFIX)
+        kl_labels = inputs[f"{KL_PREFIX}labels"]
+        policy = sequence_logps(model, main, inputs["labels"], extra)
         with torch.no_grad():
-            kl_policy = sequence_logps(model, inputs["kl_input_ids"], inputs["kl_attention_mask"], inputs["kl_labels"], extra)
+            kl_policy = sequence_logps(model, kl_inputs, kl_labels, extra)
             with self.reference() as ref_model:
                 shared = self._reuse(features)
                 ref_extra = image_inputs(ref_model, inputs, copies=1,
                                          features=shared if shared is not None else image_features(ref_model, inputs))  # fmt: skip
-                reference = sequence_logps(ref_model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                                           ref_extra)  # fmt: skip
-                kl_reference = sequence_logps(ref_model, inputs["kl_input_ids"], inputs["kl_attention_mask"],
-                                              inputs["kl_labels"], ref_extra)  # fmt: skip
+                reference = sequence_logps(ref_model, main, inputs["labels"], ref_extra)
+                kl_reference = sequence_logps(ref_model, kl_inputs, kl_labels, ref_extra)
         return self.objective.loss(policy, reference, labels=inputs["label"], kl_policy=kl_policy,
                                    kl_reference=kl_reference)  # fmt: skip
 
