@@ -98,3 +98,21 @@ def test_dpo_raises_held_out_preference_accuracy_on_shapes(tiny_llava, tmp_path)
     assert end["eval_loss"] < start["eval_loss"] - 0.02
     assert end["eval_logps/accuracies"] >= start["eval_logps/accuracies"] + 0.1
     assert end["eval_rewards/accuracies"] >= 0.65
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_same_preference_metrics(llava_eos, shape_pairs, tmp_path):
+    """DDP on two CPU processes: each logs the metrics averaged over both, so the rank files agree."""
+    directory, records = shape_pairs
+    data = write_jsonl(directory / "trl.jsonl", records)
+    output = tmp_path / "out"
+    vistune("rl", "--model", str(llava_eos), "--dataset", str(data), "--algorithm", "dpo", "--device", "cpu",
+            "--dtype", "float32", "--max_steps", "2", "--per_device_batch_size", "1", "--save_steps", "2",
+            "--gpu_num", "2", "--parallel_method", "ddp", "--output_dir", str(output))  # fmt: skip
+    main = [r for r in metrics(output) if "loss" in r]
+    other = [json.loads(line) for line in (output / "metrics.rank1.jsonl").read_text().splitlines()]
+    other = [r for r in other if "loss" in r]
+    assert len(main) == len(other) == 2
+    for ours, theirs in zip(main, other):
+        for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key

@@ -230,8 +230,8 @@ class KTO(PreferenceObjective):
             "logps/chosen": _mean(policy.sums.detach()[labels]),
             "logps/rejected": _mean(policy.sums.detach()[~labels]),
         }
-        if chosen_logratios.numel() and rejected_logratios.numel():
-            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        # NaN without both kinds of answer in the batch: left out of the log's average
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         return losses.nanmean(), metrics
 
 

@@ -220,14 +220,21 @@ class PreferenceTrainer(VistuneTrainer):
     # -- logging -----------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the objective's metrics, averaged since the last log (``eval_`` prefixed in evaluation)."""
+        """Add the objective's metrics, averaged since the last log and over processes (``eval_`` prefixed in evaluation)."""
         evaluating = any(key.startswith("eval_") for key in logs)
         mode = "eval" if evaluating else "train"
         prefix = "eval_" if evaluating else ""
-        for key in [k for k in self._logged if k.startswith(f"{mode}:")]:
+        keys = sorted(k for k in self._logged if k.startswith(f"{mode}:"))  # the same on every process
+        means = []
+        for key in keys:
             values = [v for v in self._logged.pop(key) if v == v]  # NaN: a batch without that kind of answer
-            if values:
-                logs[prefix + key.split(":", 1)[1]] = sum(values) / len(values)
+            means.append(sum(values) / len(values) if values else float("nan"))
+        if keys and self.accelerator.num_processes > 1:
+            gathered = self.accelerator.gather(torch.tensor(means, device=self.accelerator.device).unsqueeze(0))
+            means = gathered.float().nanmean(dim=0).tolist()
+        for key, mean in zip(keys, means):
+            if mean == mean:
+                logs[prefix + key.split(":", 1)[1]] = mean
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
