@@ -416,7 +416,10 @@ def check_algorithm(spec: specs.Algorithm, config: Any):
     ``NaN`` of a completion no reward applied to; ``select_groups`` gives one bool per
     group; ``advantages`` are finite, also for a group whose rewards are all equal and
     one holding a ``NaN``; ``loss`` returns a :class:`vistune.rl.algorithm.PolicyLoss`
-    whose finite scalar gives the policy a finite, non-zero gradient.
+    whose finite scalar gives the policy a finite, non-zero gradient.  An algorithm with
+    its own ``pipeline`` (learning from stored data) is checked up to there: the pipeline
+    is a callable, and the factory builds what it trains with; its training is its own
+    plugin's to test.
 
     :returns: the algorithm object.
     """
@@ -434,6 +437,9 @@ def check_algorithm(spec: specs.Algorithm, config: Any):
     factory = _load(spec, "factory")
     algorithm = factory(config)
     _fail_unless(algorithm is not None, spec, "factory(config) returned None")
+    if spec.pipeline is not None:
+        _fail_unless(callable(_load(spec, "pipeline")), spec, "pipeline is not callable")
+        return algorithm
     missing = _missing_members(algorithm, "vistune.rl.algorithm", "RLAlgorithm")
     _fail_unless(not missing, spec, f"the algorithm object lacks RLAlgorithm member(s) {', '.join(missing)}")
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import vistune_trainer, write_jsonl
+from dpo_testing import vistune_trainer, write_jsonl
 
 torch = pytest.importorskip("torch")
 
@@ -69,7 +69,7 @@ def test_bad_algorithm_options_stop_the_run_before_the_model_loads(llava_eos, sh
 
 
 def test_precomputed_reference_equals_the_adapter_disabled_model(llava_eos, shape_pairs, tmp_path):
-    from test_trl_parity import perturb_lora
+    from test_dpo_trl_parity import perturb_lora
 
     directory, records = shape_pairs
     data = write_jsonl(directory / "trl.jsonl", records)

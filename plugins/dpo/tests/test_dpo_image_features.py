@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import vistune_trainer, write_jsonl
-from test_trl_parity import BATCH, perturb_lora
+from dpo_testing import vistune_trainer, write_jsonl
+from test_dpo_trl_parity import BATCH, perturb_lora
 
 torch = pytest.importorskip("torch")
 

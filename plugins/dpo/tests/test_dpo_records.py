@@ -9,7 +9,7 @@ from vistune.errors import DataError
 from vistune_dpo.layouts import ANSWERS, EXAMPLES, LAYOUTS
 from vistune_dpo.records import detect_layout, read_preferences
 
-from conftest import write_jsonl
+from dpo_testing import write_jsonl
 
 
 def read(path, paired=True, **config):
@@ -135,3 +135,13 @@ def test_data_format_contract(name, plugin_manager, image_dir, tmp_path):
     samples = check_data_format(spec, [example], directory=tmp_path, other_formats=[], bad_records=[bad, "text"])
     assert samples[0].columns["id"] == 3 and ANSWERS in samples[0].columns
     assert samples[0].images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("name", ["dpo", "orpo", "simpo", "kto"])
+def test_algorithm_contract(name, plugin_manager):
+    from vistune.testing import check_algorithm
+
+    spec = plugin_manager.registries.algorithms.get(name)
+    objective = check_algorithm(spec, RunConfig(task="rl", algorithm=name, **spec.defaults))
+    assert objective.name == name and objective.beta == spec.defaults["beta"]
+    assert objective.paired == (name != "kto") and objective.needs_reference == (name in ("dpo", "kto"))

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")
 
-from conftest import vistune_trainer, write_jsonl  # noqa: E402
+from dpo_testing import vistune_trainer, write_jsonl  # noqa: E402
 
 BATCH = 4
 
