@@ -1,7 +1,9 @@
 """A tiny Llava in vLLM, against plain ``transformers``: the image path of the vLLM engine.
 
 vLLM's Llava needs a working torchvision, which the CPU build of torch lacks (its wheels are
-CUDA builds); this module is skipped unless torchvision imports.  vLLM reads the CLIP tower's
+CUDA builds); this module is skipped unless torchvision imports, except under
+``VISTUNE_VLLM_LLAVA_REQUIRED=1``, which ``make test-vllm`` (so CI) sets once it has swapped in
+PyPI's CUDA build of torch with its torchvision (they run on CPU): there a missing torchvision fails.  vLLM reads the CLIP tower's
 weights under ``vision_tower.vision_model.*``, while transformers 5 saves ``vision_tower.*``:
 the test gives vLLM a copy of the checkpoint with those keys renamed.
 """
@@ -13,6 +15,10 @@ import shutil
 
 import pytest
 
+if os.environ.get("VISTUNE_VLLM_LLAVA_REQUIRED") == "1":  # `make test-vllm` after its torchvision swap: no skipping
+    import torchvision  # noqa: F401
+    import vllm  # noqa: F401
+    from torchvision.transforms import v2  # noqa: F401
 pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 pytest.importorskip("vistune_llava")
