@@ -29,12 +29,12 @@ def trained(tiny_llava, tmp_path_factory):
         pytest.skip("the llava plugin is not installed (pip install -e plugins/llava)")
     root = tmp_path_factory.mktemp("trained")
     config = {"model": str(tiny_llava), "dataset": str(write_split(root, "train", count=4)), "output_dir": str(root / "out"),
-              "template": "llava-checkpoint", "adapter": "lora", "max_steps": 1, "per_device_batch_size": 2,
+              "template": "llava-next", "adapter": "lora", "max_steps": 1, "per_device_batch_size": 2,
               "dtype": "float32", "device": "cpu", "seed": 0}  # fmt: skip
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     assert main(["sft", "--config", str(root / "run.yaml")]) == 0
     out = root / "out"
-    assert json.loads((out / RUN_FILE).read_text())["template"] == "llava-checkpoint"
+    assert json.loads((out / RUN_FILE).read_text())["template"] == "llava-next"
     return out
 
 
@@ -52,8 +52,8 @@ def plan_for(tmp_path, task, **values):
 @pytest.mark.parametrize("task", ["infer", "serve"])
 def test_the_template_an_adapter_was_trained_with_is_used(trained, tiny_llava, tmp_path, task):
     plan = plan_for(tmp_path, task, model=str(tiny_llava), adapter_path=str(trained))
-    assert plan.template.name == "llava-checkpoint"  # the llava type's default is llava-1.5
-    assert plan.config.template == "llava-checkpoint"  # what every engine reads
+    assert plan.template.name == "llava-next"  # the llava type's default is llava-1.5
+    assert plan.config.template == "llava-next"  # what every engine reads
     line = dict(plan.lines)["template"]
     assert f"(recorded in {trained / RUN_FILE})" in line
     assert plan.ready, plan.render()
@@ -61,18 +61,23 @@ def test_the_template_an_adapter_was_trained_with_is_used(trained, tiny_llava, t
 
 def test_the_template_of_a_trained_model_directory_is_used(trained, tmp_path):
     plan = plan_for(tmp_path, "infer", model=str(trained))
-    assert plan.model_type.name == "llava" and plan.template.name == "llava-checkpoint"
+    assert plan.model_type.name == "llava" and plan.template.name == "llava-next"
 
 
 def test_the_engine_encodes_with_the_recorded_template(trained, tiny_llava, tmp_path):
     from vistune.inference.backends import create_engine
 
     plan = plan_for(tmp_path, "infer", model=str(tiny_llava), adapter_path=str(trained), backend="transformers")
+    from vistune import hub_chat_templates
+    from vistune.templates import Sample
+
     engine = create_engine(plan)
     try:
-        assert type(engine.encoder).__name__ == "LlavaEncoder"
-        # llava-checkpoint renders with the checkpoint's own chat template; llava-1.5 with the Vicuna one
-        assert engine.encoder.template == (Path(tiny_llava) / "chat_template.jinja").read_text()
+        # llava-next renders Mistral's [INST]; the llava type's default, llava-1.5, renders Vicuna's USER:
+        assert engine.encoder.template == hub_chat_templates.LLAVA_NEXT_MISTRAL
+        ids = engine.encoder.encode_prompt(Sample([{"role": "user", "content": "Name a colour."}]))["input_ids"]
+        text = engine.tokenizer.decode(ids)
+        assert "[INST]" in text and "USER:" not in text
     finally:
         engine.close()
 
@@ -81,7 +86,7 @@ def test_a_template_other_than_the_recorded_one_is_noted(trained, tiny_llava, tm
     plan = plan_for(tmp_path, "infer", model=str(tiny_llava), adapter_path=str(trained), template="llava-1.5")
     assert plan.template.name == "llava-1.5"
     (note,) = [n for n in plan.notes if "records that the model was trained with" in n]
-    assert str(trained / RUN_FILE) in note and "'llava-checkpoint'" in note and "'llava-1.5'" in note
+    assert str(trained / RUN_FILE) in note and "'llava-next'" in note and "'llava-1.5'" in note
 
 
 def test_an_unknown_recorded_template_is_a_problem_naming_the_run_file(trained, tiny_llava, tmp_path):
