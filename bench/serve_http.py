@@ -17,8 +17,8 @@ Each server is started (its process group, its log under ``--work``/logs), polle
 that fails is a row that says why, with the tail of its log.
 
 Fixed-length answers: the clients ask for ``max_tokens`` new tokens at temperature 0,
-with ``ignore_eos`` where the server accepts it (vistune; ms-swift 4.6 has neither
-``ignore_eos`` nor ``min_tokens``, and the script uses ``min_new_tokens``).  So that no
+with ``ignore_eos`` where the server accepts it (vistune; ms-swift 4.6's request has
+neither ``ignore_eos`` nor ``min_tokens``; the ``generate`` script sets ``min_new_tokens``).  So that no
 system can stop early or stream empty text, the benchmark's copy of the checkpoint has the
 output-layer rows of every token that is not a plain word (`` word``: special tokens,
 end-of-sequence, byte pieces, ids past the tokenizer's vocabulary) set to zero: greedy
@@ -30,15 +30,23 @@ sends it, else one per content chunk) and recorded, not assumed.
 Client metrics, per (system, clients, new_tokens): each request notes when its request
 was sent and when each content chunk arrived.  ``ttft``: first non-empty content chunk;
 ``itl``: gaps between consecutive content chunks (what a reader of the stream sees;
-ms-swift holds text back to word boundaries, so ``tokens_per_chunk`` is recorded too);
+ms-swift holds each word back until the next token shows where it ends, so its first
+chunk comes a decode step after its first token, and ``tokens_per_chunk`` is recorded);
 ``tpot``: (last chunk - first chunk) / (output tokens - 1), per token whatever the
 chunking; ``req_per_s`` and ``out_tok_per_s``: finished requests and their output tokens
 over the cell's wall time.  Clients are closed loops: each sends its next request when the
 last one ended, ``--requests`` in all (default ``max(8, 2 x clients)``).
 
-Usage on a GPU (one call; the checkpoint is built on the first run and reused)::
+Usage on a GPU (the checkpoint is built into ``--work`` on the first run and reused)::
 
     python bench/serve_http.py --site /tmp/site --swift-site /tmp/swift-site --out serve_h200.json
+
+The whole grid takes longer than one 10-minute call: ms-swift serves one request at a
+time by default (``max_batch_size 1``), so its 256-token cells alone take ~15 minutes.
+Split it with ``--systems``, ``--clients`` and ``--new-tokens``, one ``--out`` per call;
+``--cell-budget`` (default 120 s) stops a cell from sending new requests, and requests in
+flight then finish (at most ``--request-timeout``).  ``--vistune-args '--max_batch_size
+32'`` / ``--swift-args '--max_batch_size 8'`` with ``--label`` measure other settings.
 
 ``--smoke`` serves the tiny Llava on the CPU to 1 and 2 clients, 4 new tokens (the test
 suite runs it).  Rows: ``{system, clients, new_tokens, req_per_s, ttft_p50_s, ttft_p95_s,
@@ -391,12 +399,12 @@ class Server:
             found = re.findall(r"Uvicorn running on https?://[^\s:]+:(\d+)", self.log.read_text(errors="replace"))
             if found:
                 self.port = int(found[-1])
-                try:
-                    answer = httpx.get(f"{self.base}/v1/models", timeout=5)
-                    if answer.status_code == 200 and answer.json().get("data"):
-                        return answer.json()["data"][0]["id"]
-                except (httpx.HTTPError, ValueError):
-                    pass
+            try:
+                answer = httpx.get(f"{self.base}/v1/models", timeout=5)
+                if answer.status_code == 200 and answer.json().get("data"):
+                    return answer.json()["data"][0]["id"]
+            except (httpx.HTTPError, ValueError):
+                pass
             time.sleep(0.5)
 
     def stop(self, grace: float = 30) -> None:
@@ -436,7 +444,8 @@ def bench_server(system: str, args, model: Path, prompts: list[dict]) -> list[di
             extra = EXTRA_BODY[system]
             warm = [chat_body(prompts[i % len(prompts)], model_id, min(16, max(args.new_tokens)), extra)
                     for i in range(args.warmup)]  # fmt: skip
-            results, _ = asyncio.run(drive(url, warm, min(2, len(warm)), args.request_timeout, args.cell_budget))
+            concurrency = min(len(warm), max(args.clients))
+            results, _ = asyncio.run(drive(url, warm, concurrency, args.request_timeout, args.cell_budget))
             failed = [r.error for r in results if r.error]
             if failed:
                 raise RuntimeError(f"warm-up failed: {failed[0]}")
@@ -522,9 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,8,32,64", type=ints, help="concurrent streaming clients per cell")
     parser.add_argument("--new-tokens", default="64,256", type=ints)
     parser.add_argument("--requests", type=int, help="requests per cell (default: max(8, 2 x clients))")
-    parser.add_argument("--warmup", type=int, default=4, help="requests before the first cell")
+    parser.add_argument("--warmup", type=int, default=8, help="requests (16 tokens) before the first cell")
     parser.add_argument("--text-tokens", type=int, default=4, help="words of text beside each prompt's image")
-    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "serve-http")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "serve-http",
+                        help="checkpoint, prompts and logs (its own folder: the checkpoint's output layer is changed)")
     parser.add_argument("--site", type=Path, help="folder vistune is installed into (--target)")
     parser.add_argument("--swift-site", type=Path, help="folder ms-swift's wheels are installed into")
     parser.add_argument("--vistune-args", default="", help="extra flags of vistune serve, e.g. '--max_batch_size 32'")
@@ -533,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results JSON (default: bench/results/serve_h200.json on a GPU)")
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds a server may take to load")
     parser.add_argument("--request-timeout", type=float, default=600, help="seconds one request may take")
-    parser.add_argument("--cell-budget", type=float, default=300, help="seconds after which a cell sends no new request")
+    parser.add_argument("--cell-budget", type=float, default=120, help="seconds after which a cell sends no new request")
     parser.add_argument("--smoke", action="store_true", help="tiny Llava on the CPU, 1 and 2 clients, 4 new tokens")
     args = parser.parse_args(argv)
     if args.smoke:
