@@ -61,3 +61,14 @@ def test_only_word_tokens_stay_in_the_output_layer(tmp_path):
     for row in range(10):
         expected = weights["lm_head.weight"][row] if row in (1, 4, 9) else torch.zeros(4, dtype=torch.bfloat16)
         assert torch.equal(patched["lm_head.weight"][row], expected), row
+
+
+def test_a_server_that_cannot_start_is_a_row_with_its_log(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(BENCH / "serve_http.py"), "--smoke", "--work", str(tmp_path / "w"),
+                           "--systems", "vistune", "--vistune-args", "--max_batch_sise 4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["system"] == "vistune" and "exited with code 2 before it was ready" in row["error"]
+    assert any("unknown key 'max_batch_sise'" in line for line in row["log_tail"])
