@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from vistune import launch
+from vistune.errors import VistuneError
 from vistune.plan import Plan
 
 
@@ -45,7 +46,15 @@ def run(plan: Plan) -> None:
     trainer, processor, base_dir = build_trainer(plan, objective)
     if resume_from is not None:
         print(f"vistune: resuming from {resume_from}", flush=True)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except VistuneError as exc:  # a bad record found by a DataLoader worker: its own message and hint
+        from vistune.data.encoded import error_from_worker
+
+        error = error_from_worker(exc)
+        if error is exc:
+            raise
+        raise error from exc
     save_final(trainer, processor, plan, base_dir)
 
 
@@ -87,7 +96,7 @@ def build_trainer(plan: Plan, objective: Any):
     # with held-out pairs, the first evaluation is of the starting policy: the figures training is judged against
     args = training_arguments(config, plan.launch.device, has_eval=eval_items is not None,
                               include_num_input_tokens_seen="no", eval_on_start=eval_items is not None,
-                              **adapter_trainer_overrides(plan))  # fmt: skip
+                              **loader_workers(config, plan.launch.device), **adapter_trainer_overrides(plan))  # fmt: skip
     trainer = PreferenceTrainer(
         model=model,
         args=args,
@@ -118,3 +127,18 @@ def build_trainer(plan: Plan, objective: Any):
               f"reference: {reference}", flush=True)  # fmt: skip
     get_plugin_manager().hook.vistune_trainer_created(trainer=trainer, config=config)
     return trainer, processor, base_dir
+
+
+def loader_workers(config, device: str) -> dict[str, Any]:
+    """DataLoader workers as ``vistune sft`` starts them (``dataloader_num_workers``, auto: CPUs on a GPU machine).
+
+    Each pair is two template encodings with image preprocessing: on a GPU, done in the
+    training process, they would stall every step.
+    """
+    from vistune.training.arguments import PREFETCH_FACTOR, dataloader_workers
+
+    workers = dataloader_workers(config.dataloader_num_workers, device, config.gpu_num)
+    if not workers:
+        return {}
+    return {"dataloader_num_workers": workers, "dataloader_persistent_workers": True,
+            "dataloader_prefetch_factor": PREFETCH_FACTOR}  # fmt: skip
