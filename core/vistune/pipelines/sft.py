@@ -37,20 +37,26 @@ def run(plan: Plan) -> None:
     if launch.relaunch_if_needed(plan):
         return
     trainer, processor = build_trainer(plan)
+    train(trainer, resume_from)
+    if launch.is_main_process():
+        print(f"vistune: training data: {trainer.encoded_train_dataset.summary()}", flush=True)
+    save_final(trainer, processor, plan)
+
+
+def train(trainer, resume_from: Any = None) -> None:
+    """``trainer.train()``, from ``resume_from`` when given; a bad record a DataLoader worker met is raised
+    with its own message and hint, not as the worker's traceback."""
     if resume_from is not None:
         print(f"vistune: resuming from {resume_from}", flush=True)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except VistuneError as exc:  # a bad record found by a DataLoader worker: its own message and hint
+    except VistuneError as exc:
         from vistune.data.encoded import error_from_worker
 
         error = error_from_worker(exc)
         if error is exc:
             raise
         raise error from exc
-    if launch.is_main_process():
-        print(f"vistune: training data: {trainer.encoded_train_dataset.summary()}", flush=True)
-    save_final(trainer, processor, plan)
 
 
 def build_trainer(plan: Plan):

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from vistune import launch
-from vistune.errors import VistuneError
 from vistune.plan import Plan
 
 
@@ -25,7 +24,7 @@ def run(plan: Plan) -> None:
     """Train the plan's model with its preference algorithm; save the result to ``output_dir``."""
     from vistune.outputs import prepare_output_dir
     from vistune.pipelines.rl import save_final
-    from vistune.pipelines.sft import ensure_built
+    from vistune.pipelines.sft import ensure_built, train
     from vistune.specs import load_ref
     from vistune.training import checkpoints
     from vistune.training.arguments import check_liger
@@ -44,17 +43,7 @@ def run(plan: Plan) -> None:
     if launch.relaunch_if_needed(plan):
         return
     trainer, processor, base_dir = build_trainer(plan, objective)
-    if resume_from is not None:
-        print(f"vistune: resuming from {resume_from}", flush=True)
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except VistuneError as exc:  # a bad record found by a DataLoader worker: its own message and hint
-        from vistune.data.encoded import error_from_worker
-
-        error = error_from_worker(exc)
-        if error is exc:
-            raise
-        raise error from exc
+    train(trainer, resume_from)
     save_final(trainer, processor, plan, base_dir)
 
 
