@@ -43,7 +43,7 @@ def test_dpo_run_writes_an_adapter_and_preference_metrics(llava_eos, shape_pairs
     output = tmp_path / "out"
     vistune("rl", "--model", str(llava_eos), "--dataset", str(data), "--eval_dataset", str(data), "--algorithm", "dpo",
             "--device", "cpu", "--dtype", "float32", "--max_steps", "2", "--per_device_batch_size", "2",
-            "--save_steps", "2", "--output_dir", str(output))  # fmt: skip
+            "--save_steps", "2", "--dataloader_num_workers", "1", "--output_dir", str(output))  # fmt: skip
     logged = metrics(output)
     steps = [r for r in logged if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -116,3 +116,24 @@ def test_two_processes_log_the_same_preference_metrics(llava_eos, shape_pairs, t
     for ours, theirs in zip(main, other):
         for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_dpo_on_an_sft_adapter_starts_from_it(llava_eos, shape_pairs, tmp_path):
+    """DPO after ``vistune sft``: the policy trains that adapter on, the reference is a frozen copy of it."""
+    directory, records = shape_pairs
+    data = write_jsonl(directory / "trl.jsonl", records)
+    sft = tmp_path / "sft"
+    vistune("sft", "--model", str(llava_eos), "--dataset", "shapes-captions", "--max_samples", "8", "--max_steps", "3",
+            "--per_device_batch_size", "2", "--learning_rate", "1e-2", "--device", "cpu", "--dtype", "float32",
+            "--max_length", "128", "--output_dir", str(sft))  # fmt: skip
+    output = tmp_path / "dpo"
+    result = vistune("rl", "--model", str(sft), "--dataset", str(data), "--algorithm", "dpo", "--device", "cpu",
+                     "--dtype", "float32", "--max_steps", "1", "--per_device_batch_size", "2", "--output_dir",
+                     str(output))  # fmt: skip
+    assert "reference: adapter reference" in result.stdout
+    first = next(r for r in metrics(output) if "loss" in r)
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-4)  # the policy is the SFT adapter, and so is its reference
+    assert first["logps/chosen"] != 0
+    saved = json.loads((output / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and not (output / "reference").exists()
