@@ -1,4 +1,7 @@
-"""Helpers of the preference plugin's tests (a module name of its own: test folders share one import path)."""
+"""What the preference plugin's tests share besides fixtures: writing records, building the trainer `vistune rl` builds.
+
+A module name of its own: every test folder is on one import path, where `conftest` is the core's.
+"""
 
 from __future__ import annotations
 

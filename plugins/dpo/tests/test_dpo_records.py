@@ -33,7 +33,7 @@ def test_trl_records_place_untagged_images_in_the_first_user_message(image_dir):
     path = write_jsonl(image_dir / "trl-strings.jsonl", [
         {"prompt": "What is in the picture?", "chosen": "a red circle", "rejected": "a blue circle",
          "images": ["images/0.png"], "id": 7},
-        {"prompt": [{"role": "system", "content": "Be brief."},
+        {"prompt": [{"role": "system", "content": "Answer in a few words."},
                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
          "chosen": [{"role": "assistant", "content": "red"}], "rejected": [{"role": "assistant", "content": "blue"}],
          "image": "images/1.png"},
@@ -43,7 +43,7 @@ def test_trl_records_place_untagged_images_in_the_first_user_message(image_dir):
     assert first.messages == [{"role": "user", "content": "<image>What is in the picture?"}]
     assert first.columns == {"id": 7, ANSWERS: {"chosen": "a red circle", "rejected": "a blue circle"}}
     assert len(first.images) == 1 and first.images[0].size == (32, 32)
-    assert second.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>Colour?"}]
+    assert second.messages == [{"role": "system", "content": "Answer in a few words."}, {"role": "user", "content": "<image>Colour?"}]
     assert second.columns[ANSWERS] == {"chosen": "red", "rejected": "blue"}
 
 
