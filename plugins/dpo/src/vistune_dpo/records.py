@@ -156,8 +156,8 @@ def read_ms_swift_kto(record: Any, where: str) -> Sample:
 def read_preferences(location: Any, config: Any, *, paired: bool, log: Any = print) -> Any:
     """The preference records at a located dataset, every one checked before the model loads.
 
-    The format is ``dataset_format`` when the config sets it, else detected from the
-    file's first record; every record is then read in it, bad ones named ``file:line``
+    The format is ``dataset_format`` when the config sets it, or the one a registered
+    dataset declares, else detected from the file's first record; every record is then read in it, bad ones named ``file:line``
     (:func:`vistune.data.validation.read_validated`).
 
     :param paired: the algorithm learns from pairs (DPO, ORPO, SimPO); unpaired
@@ -168,7 +168,8 @@ def read_preferences(location: Any, config: Any, *, paired: bool, log: Any = pri
     from vistune.data.readers import open_source, registered_formats
     from vistune.data.validation import read_validated
 
-    layout = config.dataset_format
+    # the config's dataset_format, else a registered dataset's declared format, else the first record's
+    layout = config.dataset_format or (location.format if location.format in LAYOUTS else None)
     if layout is None:
         source = open_source(location, registered_formats())
         if len(source) == 0:
