@@ -145,3 +145,12 @@ def test_algorithm_contract(name, plugin_manager):
     objective = check_algorithm(spec, RunConfig(task="rl", algorithm=name, **spec.defaults))
     assert objective.name == name and objective.beta == spec.defaults["beta"]
     assert objective.paired == (name != "kto") and objective.needs_reference == (name in ("dpo", "kto"))
+
+
+def test_dataset_format_names_the_layout(image_dir):
+    path = write_jsonl(image_dir / "declared.jsonl", [EXAMPLES["trl-preference"] | {"images": ["images/0.png"]}])
+    assert read(path, dataset_format="trl-preference")[0].columns[ANSWERS]["chosen"] == "Red."
+    with pytest.raises(DataError, match="a ms-swift-preference record needs messages, rejected_response"):
+        read(path, dataset_format="ms-swift-preference")
+    with pytest.raises(DataError, match="dataset_format 'messages' is not a preference format"):
+        read(path, dataset_format="messages")
