@@ -221,3 +221,49 @@ def test_orpo_and_simpo_match_trl(algorithm, llava_eos, shape_pairs, tmp_path):
     assert_same(ours, (trl_loss.detach(), lora_grads(twin.model)))
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert trainer._logged[f"train:{key}"][-1] == pytest.approx(trl_metrics[key], rel=1e-4, abs=1e-5)
+
+
+def test_dpo_full_fine_tuning_matches_trl(llava_eos, shape_pairs, tmp_path):
+    """Full fine-tuning: vistune's reference is a frozen copy made at load, TRL's a second load of the checkpoint."""
+    from datasets import Dataset
+    from transformers import LlavaForConditionalGeneration
+
+    directory, records = shape_pairs
+    trainer, processor = vistune_trainer(llava_eos, write_jsonl(directory / "trl.jsonl", records), tmp_path / "out",
+                                         "dpo", "--adapter", "full")  # fmt: skip
+    assert trainer.ref_model is not None
+
+    def perturb(model):  # the policy moves away from its reference: the language model's MLPs
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "language_model" in name and ".mlp." in name:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+
+    def grads(model):
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if "language_model" in n and p.grad is not None}
+
+    perturb(trainer.model)
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, trainer.data_collator([trainer.train_dataset[i] for i in range(BATCH)]))
+    loss.backward()
+    ours = (loss.detach(), grads(model))
+
+    base = LlavaForConditionalGeneration.from_pretrained(str(llava_eos), dtype=torch.float32)
+    perturb(base)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=BATCH, bf16=False,
+                         gradient_checkpointing=False, report_to=[], max_length=None, use_cpu=True, beta=0.1)  # fmt: skip
+    twin = trl.DPOTrainer(model=base, args=args, train_dataset=Dataset.from_list(opened(records, directory)),
+                          processing_class=processor)  # fmt: skip
+    twin.model.train()
+    twin.model.zero_grad()
+    trl_loss = twin.compute_loss(twin.model, twin._prepare_inputs(twin.data_collator([twin.train_dataset[i] for i in range(BATCH)])))
+    trl_loss.backward()
+    theirs = (trl_loss.detach(), grads(twin.model))
+    assert ours[0].item() != pytest.approx(math.log(2), abs=1e-3)
+    assert ours[0].item() == pytest.approx(theirs[0].item(), abs=1e-5)
+    assert ours[1].keys() == theirs[1].keys()
+    for name, grad in ours[1].items():
+        torch.testing.assert_close(grad, theirs[1][name], rtol=1e-4, atol=1e-6, msg=name)
