@@ -105,6 +105,8 @@ def test_dpo_matches_trl(options, llava_eos, shape_pairs, tmp_path):
     data = write_jsonl(directory / "trl.jsonl", records)
     overrides = ["--algorithm_options", str(options)] if options else []
     trainer, processor = vistune_trainer(llava_eos, data, tmp_path / "out", "dpo", *overrides)
+    # under LoRA the reference is the model with its adapter disabled: no second model, no reference adapter
+    assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]
     perturb_lora(trainer.model)
     ours = step(trainer, trainer.data_collator([trainer.train_dataset[i] for i in range(BATCH)]))
 
