@@ -24,7 +24,7 @@ from vistune.model_hub import describe_download, download_blocker, looks_like_re
 from vistune.models import alias_locations, detect_model_type, hf_cache_dir, hf_cache_snapshot
 from vistune.outputs import unwritable_reason
 from vistune.plugins import PluginManager
-from vistune.provenance import adapter_base_type, recorded_template
+from vistune.provenance import adapter_base_type, fits_model, recorded_template
 from vistune.options import describe as describe_options
 from vistune.options import option_values, spec_option_values, unused_warnings
 from vistune.quantization import SCHEMES, QuantizationScheme, get_scheme
@@ -304,7 +304,7 @@ def _check_adapter_base(plan: Plan, pm: PluginManager) -> None:
     if base is None:
         plan.notes.append(f"cannot tell which model type the adapter {adapter_dir} was trained on ({how}); "
                           f"it is loaded onto a {plan.model_type.name} model")  # fmt: skip
-    elif base.value != plan.model_type.name:
+    elif not fits_model(base.value, plan.model_dir, plan.model_type.name, pm.registries):
         plan.problem("adapter_path",
                      f"{base.file}: the adapter was trained on a {base.value} model ({how}), but model is a "
                      f"{plan.model_type.name} model, which it does not fit",

@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 
 from vistune.errors import VistuneError
-from vistune.models import RUN_FILE, detect_model_type, hf_cache_snapshot, read_run_file
+from vistune.models import RUN_FILE, detect_model_type, hf_cache_snapshot, read_hf_config, read_run_file
 from vistune.registry import Registries
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -77,3 +77,22 @@ def adapter_base_type(adapter_dir: Path, registries: Registries) -> tuple[Record
     except VistuneError as exc:
         return None, f"the model type of its base_model_name_or_path {base!r} is unknown ({exc.message})"
     return Recorded(model_type.name, config_file), f"its base_model_name_or_path {base!r} is a {model_type.name} model"
+
+
+def fits_model(base_type: str, model_dir: Path | None, model_type_name: str, registries: Registries) -> bool:
+    """Whether an adapter trained on a ``base_type`` model loads onto the run's model.
+
+    The same registered type fits.  Two types fit each other too when the run's checkpoint
+    is of an architecture the adapter's type reads (``hf_model_types``): a plugin's variant
+    of Llava (its own type over ordinary Llava checkpoints) takes an adapter trained as
+    ``llava``, and the reverse.
+    """
+    if base_type == model_type_name:
+        return True
+    if model_dir is None or base_type not in registries.models:
+        return False
+    try:
+        architecture = read_hf_config(model_dir).get("model_type")
+    except VistuneError:
+        return False
+    return architecture in registries.models.get(base_type).hf_model_types
