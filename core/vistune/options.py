@@ -72,7 +72,11 @@ def option_values(config: Any, plugin: str, declared: Sequence[Option]) -> dict[
     :param plugin: the plugin's name, which is its section's name.
     :param declared: the plugin's ``options`` (a spec's, or the same tuple its code keeps).
     """
-    given = (getattr(config, "options", None) or {}).get(plugin, {})
+    return values_over_defaults((getattr(config, "options", None) or {}).get(plugin, {}), declared)
+
+
+def values_over_defaults(given: Mapping[str, Any], declared: Sequence[Option]) -> dict[str, Any]:
+    """The values ``given`` for the options ``declared`` (one plugin's section), over their defaults."""
     return {o.name: copy.deepcopy(given[o.name] if o.name in given else o.default) for o in declared}
 
 

@@ -320,7 +320,7 @@ def _resolve_dataset(plan: Plan, pm: PluginManager, field: str, name: str | None
         return None
     try:
         location = locate_dataset(name, pm.registries.datasets, plan.config.dataset_path if field == "dataset" else None,
-                                  pm.registries.formats)  # fmt: skip
+                                  pm.registries.formats, options=plan.config.options)  # fmt: skip
     except VistuneError as exc:  # a name two distributions registered
         plan.problem(field, exc.message, exc.hint)
         return None
@@ -331,7 +331,7 @@ def _resolve_dataset(plan: Plan, pm: PluginManager, field: str, name: str | None
             fmt = "records detected one by one"
         plan.lines.append((field, f"{name} -> {location.data_file}  ({location.how}; format: {fmt})"))
         if location.spec is not None and location.spec.options:
-            plan.lines.append((location.spec.name, describe_options(spec_option_values(plan.config, location.spec))))
+            plan.lines.append((location.spec.name, describe_options(location.options)))
     else:
         plan.problem(field, location.how, location.hint)
     return location

@@ -299,6 +299,12 @@ class Dataset:
     Dataset, so one builder can serve several datasets).  Inside that directory the
     records are in ``data_file`` and relative image paths are resolved against
     ``image_dir``.
+
+    A builder that declares an ``options`` parameter (or ``**kwargs``) is called
+    ``builder(directory, spec, options=values)``: the values of this dataset's
+    ``options``, defaults filled in.  A copy built with values other than the defaults
+    lives in a directory of its own (``<name>-<hash of the changed values>``), so a run
+    never reads a copy built with other values; the defaults keep ``<name>``.
     """
 
     name: str = _name

@@ -14,8 +14,11 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from vistune.specs import Option
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -29,6 +32,16 @@ CANVAS = 32
 QUESTION = "What is in the picture?"
 #: Samples and seed per split; the held-out split uses another seed.
 SPLITS = {"train": (1000, 0), "eval": (40, 1)}
+
+
+def split_options(split: str) -> tuple[Option, ...]:
+    """The options of the dataset of one split: its size and seed, defaulting to :data:`SPLITS`."""
+    count, seed = SPLITS[split]
+    return (
+        Option("samples", "int", count, "number of images (one record each) generated", minimum=1),
+        Option("seed", "int", seed, "seed of the shapes' order, places and sizes (the splits' defaults differ, so "
+               "the held-out images are not training images)"),
+    )  # fmt: skip
 
 
 def caption(colour: str, shape: str) -> str:
@@ -96,11 +109,13 @@ def write_split(directory: str | Path, split: str, count: int | None = None, see
     return data_file
 
 
-def build_shapes_dataset(directory: str | Path, spec: Any) -> Path:
+def build_shapes_dataset(directory: str | Path, spec: Any, options: Mapping[str, Any] | None = None) -> Path:
     """Builder of the registered ``shapes-captions`` datasets: writes the split ``spec`` names.
 
-    The split is written into a temporary sibling directory and renamed into place,
-    so processes building it at the same time never see a half-written dataset.
+    ``options`` are the dataset's option values (:func:`split_options`: ``samples``,
+    ``seed``); one that is missing takes the split's default.  The split is written into
+    a temporary sibling directory and renamed into place, so processes building it at
+    the same time never see a half-written dataset.
     """
     directory = Path(directory)
     split = Path(spec.data_file).stem
@@ -111,7 +126,7 @@ def build_shapes_dataset(directory: str | Path, spec: Any) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        write_split(staging, split)
+        write_split(staging, split, (options or {}).get("samples"), (options or {}).get("seed"))
         try:
             os.replace(staging, directory)
         except OSError:

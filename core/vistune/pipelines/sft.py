@@ -175,14 +175,14 @@ def adapter_trainer_overrides(plan: Plan) -> dict[str, Any]:
 
 
 def ensure_built(location) -> None:
-    """Generate an embedded dataset (``Dataset.builder``) on first use."""
+    """Generate an embedded dataset (``Dataset.builder``) on first use, with the dataset's option values."""
     if not location.needs_build or (location.data_file is not None and location.data_file.exists()):
         return
-    from vistune.specs import load_ref
+    from vistune.data.builders import run_builder
 
     spec = location.spec
     root = location.data_file.parents[len(Path(spec.data_file).parts) - 1]
-    load_ref(spec.builder)(root, spec)
+    run_builder(spec, root, location.options)
     if not location.data_file.exists():
         raise VistuneError(f"the builder of dataset {spec.name!r} ({spec.builder}) did not write {location.data_file}")
 

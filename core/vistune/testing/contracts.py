@@ -577,12 +577,17 @@ def check_backend(spec: specs.Backend, model_dir: str | Path, model_type: specs.
 # -- datasets ------------------------------------------------------------------------
 
 
-def check_dataset(spec: specs.Dataset, directory: str | Path | None = None, *, max_records: int = 100) -> list[Sample]:
+def check_dataset(
+    spec: specs.Dataset, directory: str | Path | None = None, *, max_records: int = 100,
+    options: Mapping[str, Any] | None = None,
+) -> list[Sample]:
     """Check that a dataset's local copy has the layout its spec promises and reads as pipelines read it.
 
     ``directory`` is a local copy (what ``dataset_path`` would point at).  Without one,
-    a dataset with a ``builder`` is built with ``builder(directory, spec)`` into a
-    temporary directory; a dataset with neither is only checked for telling users
+    a dataset with a ``builder`` is built into a temporary directory as a run builds it:
+    ``builder(directory, spec, options=values)``, the declared options' defaults under
+    ``options``, or ``builder(directory, spec)`` for a builder that takes no options
+    (:func:`vistune.data.builders.run_builder`); a dataset with neither is only checked for telling users
     where to get it (``hf_repo_id`` or a description).  The first ``max_records``
     records are read with :func:`vistune.data.readers.read_dataset` in the declared
     ``format``: each must parse, have one image per ``<image>`` tag, and its images
@@ -590,18 +595,23 @@ def check_dataset(spec: specs.Dataset, directory: str | Path | None = None, *, m
 
     :returns: the samples read (empty for a dataset without a local copy).
     """
+    from vistune.data.builders import run_builder
     from vistune.data.locate import DatasetLocation
     from vistune.data.readers import read_dataset
+    from vistune.options import values_over_defaults
 
     _check_spec_type(spec, specs.Dataset)
     check_options(spec)
+    unknown = sorted(set(options or {}) - {option.name for option in spec.options})
+    _fail_unless(not unknown, spec, f"declares no option {', '.join(unknown)}")
     if directory is None and spec.builder is None:
         _fail_unless(spec.hf_repo_id or spec.description, spec,
                      "has no builder, no hf_repo_id and no description: users cannot learn where to get it")  # fmt: skip
         return []
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="vistune-dataset-")) / spec.name
-        _load(spec, "builder")(directory, spec)
+        _load(spec, "builder")  # a reference that does not import fails as a contract error
+        run_builder(spec, directory, values_over_defaults(options or {}, spec.options))
     directory = Path(directory)
     data = directory / spec.data_file  # an empty data_file names the directory itself
     _fail_unless(data.exists(), spec, f"{data} does not exist (data_file {spec.data_file!r} inside {directory})")
