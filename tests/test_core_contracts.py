@@ -237,6 +237,12 @@ def test_check_algorithm_catches_broken_algorithms(defaults, bug, message):
         check_algorithm(spec, RunConfig(task="rl"))
 
 
+def test_check_algorithm_refuses_reads_of_keys_the_config_lacks():
+    spec = Algorithm("toy-offline", factory=toy_grpo, pipeline=toy_grpo, reads=("dataloader_workers",))
+    with pytest.raises(ContractError, match="reads dataloader_workers, which are not config keys"):
+        check_algorithm(spec, RunConfig(task="rl"))
+
+
 def test_check_algorithm_needs_the_whole_interface():
     with pytest.raises(ContractError, match=r"lacks RLAlgorithm member\(s\) advantages, beta, loss"):
         check_algorithm(Algorithm("half", factory=lambda config: type("Half", (), {"name": "half"})()), RunConfig())

@@ -11,7 +11,7 @@ from vistune.cli import main
 from vistune.config import load_config
 from vistune.plan import make_plan
 from vistune.plugins import PluginManager
-from vistune.specs import Dataset, ModelAlias, ModelType, Reward, Template
+from vistune.specs import Algorithm, Dataset, ModelAlias, ModelType, Reward, Template
 from vistune.testing import check_dataset
 
 
@@ -279,6 +279,20 @@ def test_export_needs_an_adapter_and_unused_keys_are_noted(pm, tmp_path):
     plan = plan_for(pm, tmp_path, f"model: {tmp_path / 'm'}\nport: 9000\n", "export")
     assert "export merges an adapter" in problems_by_field(plan)["adapter_path"][0]
     assert any(note.startswith("port (") and "is not used by `vistune export`" in note for note in plan.notes)
+
+
+def test_keys_an_algorithm_reads_are_not_noted_as_unused(pm, tmp_path, register_plugin):
+    class Offline:
+        @hookimpl
+        def vistune_register_algorithms(self, register):
+            register(Algorithm("plan-offline", factory="a.b:c", pipeline="a.b:run", reads=("dataloader_num_workers",)))
+
+    register_plugin(Offline())
+    text = "model: nowhere\ndataset: shapes-captions\ndataloader_num_workers: 2\n"
+    online = plan_for(pm, tmp_path, text, "rl", "--rewards", "[]")
+    assert any(note.startswith("dataloader_num_workers (") and "not used by `vistune rl`" in note for note in online.notes)
+    offline = plan_for(pm, tmp_path, text, "rl", "--algorithm", "plan-offline")
+    assert not any(note.startswith("dataloader_num_workers (") for note in offline.notes), offline.notes
 
 
 def test_plugin_problems_are_shown_in_the_plan(pm, tmp_path, register_plugin):

@@ -497,8 +497,10 @@ def _check_output(plan: Plan) -> None:
 
 def _note_unused(plan: Plan) -> None:
     task = plan.config.task
+    # keys of another task that the chosen algorithm reads all the same (a pipeline's DataLoader workers)
+    reads = set(plan.algorithm.reads) if plan.algorithm is not None else set()
     for name in plan.loaded.sources:
-        if name != "task" and task not in FIELDS[name].metadata["tasks"]:
+        if name != "task" and name not in reads and task not in FIELDS[name].metadata["tasks"]:
             plan.notes.append(f"{name} ({plan.loaded.where(name)}) is not used by `vistune {task}`")
     chosen = (plan.template, plan.adapter, plan.algorithm, plan.backend, plan.quantization)
     used = {spec.name for spec in chosen if spec is not None}

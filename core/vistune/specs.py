@@ -236,13 +236,17 @@ class Algorithm:
     An algorithm that does not learn from rollouts (DPO learns from stored preference
     pairs) names a ``pipeline``: ``pipeline(plan)`` then runs ``vistune rl`` for it in
     place of the online loop, and ``factory(config)`` returns whatever that pipeline
-    trains with.  Such a run needs no rewards and no generation backend.
+    trains with.  Such a run needs no rewards and no generation backend; the core keys it
+    reads that ``vistune rl`` does not (``dataloader_num_workers``) are listed in ``reads``.
     """
 
     name: str = _name
     factory: Ref = attrs.field(validator=_check_ref)
     defaults: Mapping[str, Any] = attrs.field(factory=dict, converter=dict, kw_only=True)
     pipeline: Ref | None = attrs.field(default=None, validator=_check_ref, kw_only=True)
+    #: Core config keys the algorithm reads that ``vistune rl`` itself does not (a ``pipeline`` that
+    #: starts DataLoader workers reads ``dataloader_num_workers``): the plan does not call them unused.
+    reads: tuple[str, ...] = _names()
     #: Settings of the algorithm: the YAML section named after it, or ``algorithm_options``.
     options: tuple[Option, ...] = _options()
     description: str = _description

@@ -410,8 +410,8 @@ def check_adapter(
 def check_algorithm(spec: specs.Algorithm, config: Any):
     """Build the algorithm with ``factory(config)`` and run each of its steps on a toy batch.
 
-    Checks: ``defaults`` are valid config keys and values; the object has every
-    method and attribute of :class:`vistune.rl.algorithm.RLAlgorithm`;
+    Checks: ``defaults`` are valid config keys and values; ``reads`` names config keys;
+    the object has every method and attribute of :class:`vistune.rl.algorithm.RLAlgorithm`;
     ``needs_reference_model()`` is a bool; ``shape_rewards`` keeps the shape and the
     ``NaN`` of a completion no reward applied to; ``select_groups`` gives one bool per
     group; ``advantages`` are finite, also for a group whose rewards are all equal and
@@ -425,11 +425,13 @@ def check_algorithm(spec: specs.Algorithm, config: Any):
     """
     import torch
 
-    from vistune.config import build_config
+    from vistune.config import FIELDS, build_config
     from vistune.rl.algorithm import PolicyBatch, PolicyLoss, RolloutStats
 
     _check_spec_type(spec, specs.Algorithm)
     check_options(spec)
+    unknown = sorted(set(spec.reads) - set(FIELDS))
+    _fail_unless(not unknown, spec, f"reads {', '.join(unknown)}, which are not config keys")
     try:
         build_config(dict(spec.defaults), path=f"defaults of algorithm {spec.name!r}")
     except VistuneError as exc:

@@ -28,10 +28,14 @@ def test_dry_run_needs_no_rewards_or_backend(llava_eos, shape_pairs, tmp_path):
     directory, records = shape_pairs
     data = write_jsonl(directory / "trl.jsonl", records)
     result = vistune("rl", "--model", str(llava_eos), "--dataset", str(data), "--algorithm", "dpo", "--output_dir",
-                     str(tmp_path / "out"), "--dry-run")  # fmt: skip
+                     str(tmp_path / "out"), "--dataloader_num_workers", "1", "--cache_encoded", "true",
+                     "--dry-run")  # fmt: skip
     fields = [line.split()[0] for line in result.stdout.splitlines()[1:] if line.startswith("  ")]
     assert "dpo  [vistune-dpo]" in result.stdout and result.stdout.rstrip().endswith("ready")
     assert "rewards" not in fields and "backend" not in fields
+    # the pipeline starts DataLoader workers as sft does; it never caches encodings
+    assert "cache_encoded (command line --cache_encoded) is not used by `vistune rl`" in result.stdout
+    assert "dataloader_num_workers (" not in result.stdout, result.stdout
 
 
 def test_dpo_run_writes_an_adapter_and_preference_metrics(llava_eos, shape_pairs, tmp_path):

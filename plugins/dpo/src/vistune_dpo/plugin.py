@@ -13,24 +13,26 @@ from vistune_dpo.layouts import EXAMPLES, LAYOUTS
 from vistune_dpo.options import OPTIONS
 
 PIPELINE = "vistune_dpo.pipeline:run"
+#: Core keys the pipeline reads that online ``vistune rl`` does not: it starts DataLoader workers as ``vistune sft`` does.
+READS = ("dataloader_num_workers",)
 
 
 @hookimpl
 def vistune_register_algorithms(register):
     # beta is the config's own key (the KL strength of every algorithm); the papers' defaults
-    register(Algorithm("dpo", factory="vistune_dpo.objectives:DPO", pipeline=PIPELINE,
+    register(Algorithm("dpo", factory="vistune_dpo.objectives:DPO", pipeline=PIPELINE, reads=READS,
                        options=OPTIONS["dpo"], defaults={"beta": 0.1},
                        description="DPO (Rafailov et al. 2023) on preference pairs: sigmoid loss, label smoothing "
                        "(cDPO), optional RPO NLL term"))  # fmt: skip
-    register(Algorithm("orpo", factory="vistune_dpo.objectives:ORPO", pipeline=PIPELINE,
+    register(Algorithm("orpo", factory="vistune_dpo.objectives:ORPO", pipeline=PIPELINE, reads=READS,
                        options=OPTIONS["orpo"], defaults={"beta": 0.1},
                        description="ORPO (Hong et al. 2024): NLL on the chosen answer plus an odds-ratio term; "
                        "no reference model"))  # fmt: skip
-    register(Algorithm("simpo", factory="vistune_dpo.objectives:SimPO", pipeline=PIPELINE,
+    register(Algorithm("simpo", factory="vistune_dpo.objectives:SimPO", pipeline=PIPELINE, reads=READS,
                        options=OPTIONS["simpo"], defaults={"beta": 2.0},
                        description="SimPO (Meng et al. 2024): length-normalised log-probabilities with a target "
                        "margin; no reference model"))  # fmt: skip
-    register(Algorithm("kto", factory="vistune_dpo.objectives:KTO", pipeline=PIPELINE,
+    register(Algorithm("kto", factory="vistune_dpo.objectives:KTO", pipeline=PIPELINE, reads=READS,
                        options=OPTIONS["kto"], defaults={"beta": 0.1},
                        description="KTO (Ethayarajh et al. 2024) on unpaired answers labelled desirable or not"))  # fmt: skip
 
