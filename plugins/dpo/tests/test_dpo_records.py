@@ -112,6 +112,23 @@ def test_shapes_preferences_builds_pairs_about_the_same_images(tmp_path, plugin_
         assert (colour == wrong_colour) != (shape == wrong_shape)  # exactly one of the two differs
 
 
+@pytest.mark.parametrize(("name", "captions", "per_image"), [("shapes-preferences", "shapes-captions", 1),
+                                                             ("shapes-preferences-eval", "shapes-captions-eval", 2)])
+def test_shapes_preferences_take_the_captions_options(name, captions, per_image, plugin_manager):
+    from vistune.testing import check_dataset
+
+    spec, captions_spec = (plugin_manager.registries.datasets.get(n) for n in (name, captions))
+    declared = [(option.name, option.type, option.default) for option in spec.options]
+    assert declared == [(option.name, option.type, option.default) for option in captions_spec.options]
+    options = {"samples": 7, "seed": 5}
+    pairs = check_dataset(spec, options=options)
+    images = check_dataset(captions_spec, options=options)  # the captions dataset built with the same values
+    assert len(images) == 7 and len(pairs) == 7 * per_image
+    # each pair is about the image the captions dataset draws with those values, in its order
+    assert [p.columns[ANSWERS]["chosen"] for p in pairs] == [i.messages[-1]["content"] for i in images for _ in range(per_image)]
+    assert [p.images[0].tobytes() for p in pairs[::per_image]] == [i.images[0].tobytes() for i in images]
+
+
 def test_registration_is_clean(plugin_manager):
     info = plugin_manager.infos["dpo"]
     assert info.errors == []

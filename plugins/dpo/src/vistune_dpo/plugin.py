@@ -11,6 +11,7 @@ from vistune import hookimpl
 from vistune.specs import Algorithm, DataFormat, Dataset
 from vistune_dpo.layouts import EXAMPLES, LAYOUTS
 from vistune_dpo.options import OPTIONS
+from vistune_dpo.shapes import split_options
 
 PIPELINE = "vistune_dpo.pipeline:run"
 #: Core keys the pipeline reads that online ``vistune rl`` does not: it starts DataLoader workers as ``vistune sft`` does.
@@ -42,7 +43,7 @@ def vistune_register_datasets(register):
     for split in ("train", "eval"):
         suffix = "" if split == "train" else "-eval"
         register(Dataset(f"shapes-preferences{suffix}", format="ms-swift-preference", data_file=f"{split}-pairs.jsonl",
-                         builder="vistune_dpo.shapes:build_preference_dataset",
+                         builder="vistune_dpo.shapes:build_preference_dataset", options=split_options(split),
                          description=f"generated coloured shapes with a right and a wrong caption per image "
                          f"({split} split, ms-swift preference records)"))  # fmt: skip
 
