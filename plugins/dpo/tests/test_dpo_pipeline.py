@@ -45,9 +45,10 @@ def test_dpo_run_writes_an_adapter_and_preference_metrics(llava_eos, shape_pairs
     directory, records = shape_pairs
     data = write_jsonl(directory / "trl.jsonl", records)
     output = tmp_path / "out"
-    vistune("rl", "--model", str(llava_eos), "--dataset", str(data), "--eval_dataset", str(data), "--algorithm", "dpo",
+    run = vistune("rl", "--model", str(llava_eos), "--dataset", str(data), "--eval_dataset", str(data), "--algorithm", "dpo",
             "--device", "cpu", "--dtype", "float32", "--max_steps", "2", "--per_device_batch_size", "2",
             "--save_steps", "2", "--dataloader_num_workers", "1", "--output_dir", str(output))  # fmt: skip
+    assert "vistune: training data: 4 pairs; 0 dropped (longer than max_length), 0 bad records skipped" in run.stdout
     logged = metrics(output)
     steps = [r for r in logged if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -60,6 +61,29 @@ def test_dpo_run_writes_an_adapter_and_preference_metrics(llava_eos, shape_pairs
     base = LlavaForConditionalGeneration.from_pretrained(str(llava_eos), dtype=torch.float32)
     PeftModel.from_pretrained(base, str(output))  # a plain peft adapter on the checkpoint
     assert json.loads((output / "vistune_run.json").read_text())["config"]["algorithm"] == "dpo"
+
+
+@pytest.mark.parametrize(("algorithm", "summary"), [
+    ("dpo", "6 pairs; 1 dropped (longer than max_length), 1 bad records skipped"),
+    ("kto", "12 answers; 1 dropped (longer than max_length), 2 bad answers skipped"),  # a pair: two answers
+])  # fmt: skip
+def test_pairs_dropped_for_length_or_skipped_are_counted_across_loader_workers(algorithm, summary, llava_eos,
+                                                                               shape_pairs, tmp_path):  # fmt: skip
+    from torch.utils.data import DataLoader
+
+    directory, records = shape_pairs
+    too_long = records[0] | {"chosen": [{"role": "assistant", "content": "a red circle " * 300}]}
+    no_image = records[1] | {"images": ["images/missing.png"]}
+    data = write_jsonl(directory / f"dropped-{algorithm}.jsonl", [too_long, no_image, *records])
+    trainer, _ = vistune_trainer(llava_eos, data, tmp_path / "out", algorithm, "--max_length", "256", "--truncation",
+                                 "drop", "--on_bad_record", "skip")  # fmt: skip
+    items = trainer.train_dataset
+    # every index read once, in two worker processes: what they met reaches this process's counts
+    loader = DataLoader(items, batch_size=1, num_workers=2, collate_fn=lambda batch: batch[0]["index"])
+    indices = list(loader)
+    assert items.summary() == summary
+    replaced = {0, 1} if algorithm == "dpo" else {0, 2, 3}  # kto: the long chosen answer, both answers of the bad pair
+    assert not replaced & set(indices) and len(indices) == len(items)
 
 
 def test_bad_algorithm_options_stop_the_run_before_the_model_loads(llava_eos, shape_pairs, tmp_path):

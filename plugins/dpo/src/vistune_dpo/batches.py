@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vistune.data.collate import Collator
+from vistune.data.encoded import EncodedDataset
 from vistune.errors import DataError
 from vistune.templates import IGNORE_INDEX, Sample
 from vistune_dpo.layouts import ANSWERS
@@ -42,26 +43,18 @@ def _check_answer(encoded: dict[str, Any], which: str, source: str) -> None:
         raise DataError(f"{source}: the {which} answer encodes to no trained token", hint="check the record's answer")
 
 
-class PreferenceItems:
-    """Map-style dataset of encoded preference items, read and encoded when a batch needs them.
+class PairEncoder:
+    """``encode(sample)``: a preference record as a training item, or ``None`` when an answer is too long.
 
-    ``items[i]`` is ``{"index", "chosen", "rejected"}`` (paired) or ``{"index", "answer",
-    "label", "sample"}`` (unpaired; the sample, with its images, builds the KL sequences).
-    A pair the template drops (``truncation: drop``) is replaced by the next one and
-    counted in :attr:`dropped`.
+    The item is ``{"chosen", "rejected"}`` (paired) or ``{"answer", "label", "sample"}``
+    (unpaired; the sample, with its images, builds the KL sequences).
     """
 
-    def __init__(self, records: Sequence[Sample], encoder: Any, *, paired: bool):
-        self.records = records
+    def __init__(self, encoder: Any, *, paired: bool):
         self.encoder = encoder
         self.paired = paired
-        self.dropped = 0
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def encode(self, index: int) -> dict[str, Any] | None:
-        sample = self.records[index]
+    def encode(self, sample: Sample) -> dict[str, Any] | None:
         answers = sample.columns[ANSWERS]
         if self.paired:
             chosen = self.encoder.encode(with_answer(sample, answers["chosen"]))
@@ -70,20 +63,39 @@ class PreferenceItems:
                 return None
             _check_answer(chosen, "chosen", sample.source)
             _check_answer(rejected, "rejected", sample.source)
-            return {"index": index, "chosen": chosen, "rejected": _text_only(rejected)}
+            return {"chosen": chosen, "rejected": _text_only(rejected)}
         answer = self.encoder.encode(with_answer(sample, answers["completion"]))
         if answer is None:
             return None
         _check_answer(answer, "answer", sample.source)
-        return {"index": index, "answer": answer, "label": answers["label"], "sample": sample}
+        return {"answer": answer, "label": answers["label"], "sample": sample}
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        for offset in range(len(self)):
-            item = self.encode((index + offset) % len(self))
-            if item is not None:
-                return item
-            self.dropped += 1
-        raise DataError("every preference record is longer than max_length", hint="raise max_length")
+
+class PreferenceItems(EncodedDataset):
+    """Map-style dataset of encoded preference items, read and encoded when a batch needs them.
+
+    ``items[i]`` is ``{"index", "chosen", "rejected"}`` (paired) or ``{"index", "answer",
+    "label", "sample"}`` (unpaired), ``index`` being the record's.  As in ``vistune sft``
+    (:class:`vistune.data.encoded.EncodedDataset`), a pair the template drops
+    (``truncation: drop``) or, with ``on_bad_record: skip``, a bad one is replaced by the
+    next, and counted in :attr:`dropped` and :attr:`skipped` by whichever process met it,
+    DataLoader workers included.
+    """
+
+    def __init__(self, records: Sequence[Sample], encoder: Any, *, paired: bool):
+        super().__init__(records, PairEncoder(encoder, paired=paired))
+        self.paired = paired
+
+    def get(self, index: int) -> dict[str, Any] | None:
+        item = super().get(index)
+        return None if item is None else {"index": index, **item}
+
+    def summary(self) -> str:
+        """One line for the run log, as ``vistune sft``'s: how many pairs were dropped or skipped."""
+        if self.paired:
+            return (f"{len(self)} pairs; {self.dropped} dropped (longer than max_length), "
+                    f"{self.skipped} bad records skipped")  # fmt: skip
+        return f"{len(self)} answers; {self.dropped} dropped (longer than max_length), {self.skipped} bad answers skipped"
 
 
 class PreferenceCollator:

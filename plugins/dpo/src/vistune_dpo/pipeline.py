@@ -44,6 +44,8 @@ def run(plan: Plan) -> None:
         return
     trainer, processor, base_dir = build_trainer(plan, objective)
     train(trainer, resume_from)
+    if launch.is_main_process():
+        print(f"vistune: training data: {trainer.train_dataset.summary()}", flush=True)
     save_final(trainer, processor, plan, base_dir)
 
 

@@ -195,17 +195,36 @@ def read_preferences(location: Any, config: Any, *, paired: bool, log: Any = pri
 
 
 class Unpaired(Sequence):
-    """Pairs as single answers labelled desirable or not: a pair gives its chosen (true), then its rejected (false)."""
+    """Pairs as single answers labelled desirable or not: a pair gives its chosen (true), then its rejected (false).
+
+    A bad pair (``on_bad_record: skip``) gives two bad answers: :attr:`known_bad` and
+    :meth:`get` speak of answers, as :class:`vistune.data.encoded.EncodedDataset` reads them.
+    """
 
     def __init__(self, records: Sequence[Sample]):
         self.records = records
+        self.on_bad_record = getattr(records, "on_bad_record", "error")
 
     def __len__(self) -> int:
         return len(self.records) * 2
 
+    @property
+    def known_bad(self) -> dict[int, str]:
+        """Answers of the bad pairs validation found: ``{index: "file:line: problem"}``."""
+        bad = getattr(self.records, "known_bad", {})
+        return {2 * index + side: reason for index, reason in bad.items() for side in (0, 1)}
+
+    def get(self, index: int) -> Sample | None:
+        """Answer ``index``, or ``None`` when its pair is bad and bad records are skipped."""
+        get_record = getattr(self.records, "get", None)
+        sample = get_record(index // 2) if callable(get_record) else self.records[index // 2]
+        return None if sample is None else self._answer(sample, chosen=index % 2 == 0)
+
     def __getitem__(self, index: int) -> Sample:
-        sample = self.records[index // 2]
+        return self._answer(self.records[index // 2], chosen=index % 2 == 0)
+
+    @staticmethod
+    def _answer(sample: Sample, *, chosen: bool) -> Sample:
         answers = sample.columns[ANSWERS]
-        chosen = index % 2 == 0
         answer = {"completion": answers["chosen" if chosen else "rejected"], "label": chosen}
         return Sample(sample.messages, sample.images, {**sample.columns, ANSWERS: answer}, sample.source)
