@@ -290,7 +290,8 @@ def test_keys_an_algorithm_reads_are_not_noted_as_unused(pm, tmp_path, register_
     register_plugin(Offline())
     text = "model: nowhere\ndataset: shapes-captions\ndataloader_num_workers: 2\n"
     online = plan_for(pm, tmp_path, text, "rl", "--rewards", "[]")
-    assert any(note.startswith("dataloader_num_workers (") and "not used by `vistune rl`" in note for note in online.notes)
+    noted = [note for note in online.notes if note.startswith("dataloader_num_workers (")]
+    assert noted and "is not used by `vistune rl`" in noted[0]
     offline = plan_for(pm, tmp_path, text, "rl", "--algorithm", "plan-offline")
     assert not any(note.startswith("dataloader_num_workers (") for note in offline.notes), offline.notes
 

@@ -45,9 +45,9 @@ def test_dpo_run_writes_an_adapter_and_preference_metrics(llava_eos, shape_pairs
     directory, records = shape_pairs
     data = write_jsonl(directory / "trl.jsonl", records)
     output = tmp_path / "out"
-    run = vistune("rl", "--model", str(llava_eos), "--dataset", str(data), "--eval_dataset", str(data), "--algorithm", "dpo",
-            "--device", "cpu", "--dtype", "float32", "--max_steps", "2", "--per_device_batch_size", "2",
-            "--save_steps", "2", "--dataloader_num_workers", "1", "--output_dir", str(output))  # fmt: skip
+    run = vistune("rl", "--model", str(llava_eos), "--dataset", str(data), "--eval_dataset", str(data), "--algorithm",
+                  "dpo", "--device", "cpu", "--dtype", "float32", "--max_steps", "2", "--per_device_batch_size", "2",
+                  "--save_steps", "2", "--dataloader_num_workers", "1", "--output_dir", str(output))  # fmt: skip
     assert "vistune: training data: 4 pairs; 0 dropped (longer than max_length), 0 bad records skipped" in run.stdout
     logged = metrics(output)
     steps = [r for r in logged if "loss" in r]

@@ -125,7 +125,8 @@ def test_shapes_preferences_take_the_captions_options(name, captions, per_image,
     images = check_dataset(captions_spec, options=options)  # the captions dataset built with the same values
     assert len(images) == 7 and len(pairs) == 7 * per_image
     # each pair is about the image the captions dataset draws with those values, in its order
-    assert [p.columns[ANSWERS]["chosen"] for p in pairs] == [i.messages[-1]["content"] for i in images for _ in range(per_image)]
+    captions = [image.messages[-1]["content"] for image in images]
+    assert [pair.columns[ANSWERS]["chosen"] for pair in pairs] == [c for c in captions for _ in range(per_image)]
     assert [p.images[0].tobytes() for p in pairs[::per_image]] == [i.images[0].tobytes() for i in images]
 
 

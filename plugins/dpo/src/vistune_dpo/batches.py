@@ -95,7 +95,8 @@ class PreferenceItems(EncodedDataset):
         if self.paired:
             return (f"{len(self)} pairs; {self.dropped} dropped (longer than max_length), "
                     f"{self.skipped} bad records skipped")  # fmt: skip
-        return f"{len(self)} answers; {self.dropped} dropped (longer than max_length), {self.skipped} bad answers skipped"
+        return (f"{len(self)} answers; {self.dropped} dropped (longer than max_length), "
+                f"{self.skipped} bad answers skipped")  # fmt: skip
 
 
 class PreferenceCollator:

@@ -14,7 +14,8 @@ from vistune_dpo.options import OPTIONS
 from vistune_dpo.shapes import split_options
 
 PIPELINE = "vistune_dpo.pipeline:run"
-#: Core keys the pipeline reads that online ``vistune rl`` does not: it starts DataLoader workers as ``vistune sft`` does.
+#: Core keys the pipeline reads that online ``vistune rl`` does not: it starts DataLoader workers as
+#: ``vistune sft`` does.
 READS = ("dataloader_num_workers",)
 
 
