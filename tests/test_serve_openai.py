@@ -328,3 +328,31 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(server):
 def test_the_server_keeps_serving_after_bad_requests(client):
     answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
     assert answer.usage.completion_tokens >= 1
+
+
+def test_a_prompt_refused_after_another_prompt_streamed_its_first_token_is_still_an_error_before_answering():
+    """The request's answer starts only once every prompt has its first event (or its error)."""
+    import asyncio
+
+    from vistune.errors import VistuneError
+    from vistune.inference.engine import StreamEvent
+    from vistune.serving.app import _Generation
+
+    class Engine:
+        async def stream(self, request):
+            if request == "long":
+                await asyncio.sleep(0.05)  # refused after the other prompt's first token is out
+                raise VistuneError("the prompt is too long")
+            yield StreamEvent(0, "a")
+            await asyncio.sleep(0.5)
+            yield StreamEvent(0, "b", finish_reason="length")
+
+    async def started(requests):
+        return await _Generation.start(Engine(), requests)
+
+    async def texts(requests):
+        return [event.text async for _, event in await started(requests)]
+
+    with pytest.raises(VistuneError, match="too long"):  # from start: before any status line is sent
+        asyncio.run(started(["short", "long"]))
+    assert asyncio.run(texts(["short", "short"])) == ["a", "a", "b", "b"]

@@ -172,31 +172,34 @@ async def _merged(streams: list[AsyncIterator[StreamEvent]]) -> AsyncIterator[tu
 
 
 class _Generation:
-    """One HTTP request's generation: its engine streams, the first event already pulled.
+    """One HTTP request's generation: its engine streams, each one's first event already pulled.
 
-    Pulling the first event before answering makes request errors (prompt too long,
-    bad image for the model) come back as a 4xx status instead of inside a 200 stream.
+    Pulling the first event of every prompt before answering makes request errors (a
+    prompt too long, a bad image for the model) come back as a 4xx status instead of
+    inside a 200 stream, whichever of the request's prompts they concern.
     """
 
-    def __init__(self, events: AsyncIterator[tuple[int, StreamEvent]], first: tuple[int, StreamEvent] | None):
+    def __init__(self, events: AsyncIterator[tuple[int, StreamEvent]], first: list[tuple[int, StreamEvent]]):
         self.events = events
         self.first = first
 
     @classmethod
     async def start(cls, engine: Engine, requests: list[GenerationRequest]) -> _Generation:
         events = _merged([engine.stream(r) for r in requests])
+        first: list[tuple[int, StreamEvent]] = []
         try:
-            first = await events.__anext__()
+            while len({k for k, _ in first}) < len(requests):
+                first.append(await events.__anext__())
         except StopAsyncIteration:
-            first = None
+            pass
         except BaseException:
             await events.aclose()
             raise
         return cls(events, first)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, StreamEvent]]:
-        if self.first is not None:
-            yield self.first
+        for item in self.first:
+            yield item
         async for item in self.events:
             yield item
 
