@@ -208,6 +208,7 @@ def vistune_command(work: Path, run: Path, setting: dict, data: Path, args, best
         lines += ["device: cpu"]
     if best:
         lines += ["torch_compile: true"] + (["liger: true"] if importlib.util.find_spec("liger_kernel") else [])
+    lines += args.vistune_set
     config = run / "run.yaml"
     config.write_text("\n".join(lines) + "\n")
     return [sys.executable, "-m", "vistune", "sft", "--config", str(config)]
@@ -389,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swift-site", type=Path, help="folder ms-swift's wheels are installed into")
     parser.add_argument("--common-site", type=Path, help="folder every system finds (bitsandbytes, liger-kernel)")
     parser.add_argument("--label", help="added to every row (e.g. the vistune version measured)")
+    parser.add_argument("--vistune-set", action="append", default=[], metavar="'KEY: VALUE'",
+                        help="a line added to every vistune config (a candidate default; name it with --label)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "sft_product.json")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
     parser.add_argument("--profile", action="store_true", help="torch profiler table of vistune's default runs")
