@@ -154,7 +154,12 @@ class RunConfig:
     max_packed_length: int = option(4096, "tokens per packed row", type="int", tasks=("sft",))
     gradient_checkpointing: bool = option(False, "recompute activations to save memory", type="bool", tasks=_TRAIN)
     bf16: bool | None = option(None, "bfloat16 mixed precision (default: on when a GPU supports it)", type="bool", tasks=_TRAIN)
-    liger: bool = option(False, "use Liger kernels when installed (fused cross-entropy, RMSNorm, SwiGLU)", type="bool", tasks=_TRAIN)
+    liger: bool | str = option(
+        "auto",
+        "Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): true, false, or auto (sft on a CUDA GPU "
+        "with the liger-kernel package installed and a model type Liger supports; not for prequantized checkpoints)",
+        type="bool_auto", tasks=_TRAIN,
+    )
     torch_compile: bool | str = option(
         "auto",
         "torch.compile each transformer block: true, false, or auto (on a GPU, for runs of at least 1000 optimizer "

@@ -180,6 +180,7 @@ def build_trainer(plan: Plan):
     encoder = loading.make_encoder(plan, processor)
     prompts = PromptDataset(records)
     args = training_arguments(config, plan.launch.device, has_eval=False, include_num_input_tokens_seen="no",
+                              model_config=getattr(model, "config", None),
                               **adapter_trainer_overrides(plan))  # fmt: skip
     trainer = RLTrainer(
         model=model,

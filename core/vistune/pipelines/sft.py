@@ -101,7 +101,8 @@ def build_trainer(plan: Plan):
         # aligned lengths: compiled blocks specialise on alignment, and tensor cores prefer it
         collator = Collator(pad_token_id(processor), pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
     model = loading.apply_adapter(plan, model)
-    args = training_arguments(config, plan.launch.device, has_eval=eval_dataset is not None, **overrides)
+    args = training_arguments(config, plan.launch.device, has_eval=eval_dataset is not None,
+                              model_config=getattr(model, "config", None), **overrides)  # fmt: skip
     maybe_compile(model, plan, args, train_dataset)
     trainer = VistuneTrainer(
         model=model,

@@ -19,8 +19,8 @@ def default_bf16(device: str) -> bool:
 
 
 def check_liger(loaded: Any) -> None:
-    """``liger: true`` needs the liger-kernel package; say so before anything loads."""
-    if loaded.config.liger and importlib.util.find_spec("liger_kernel") is None:
+    """``liger: true`` needs the liger-kernel package; say so before anything loads (``auto`` does without it)."""
+    if loaded.config.liger is True and importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError(
             f"{loaded.where('liger')}: liger is true, but the liger-kernel package is not installed",
             hint="pip install liger-kernel (it needs a CUDA GPU and triton), or set liger: false",
@@ -86,14 +86,18 @@ def dataloader_arguments(config: Any, device: str) -> dict[str, Any]:
     return kwargs
 
 
-def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides: Any):
+def training_arguments(config: Any, device: str, *, has_eval: bool, model_config: Any = None, **overrides: Any):
     """The Trainer's arguments for ``config``.
 
     Checkpoint rotation and the jsonl and TensorBoard sinks are vistune's own (atomic
     checkpoints, :mod:`vistune.training.metrics`); the Trainer reports only to the
-    integrations ``report_to`` names besides them (wandb, mlflow, ...).
+    integrations ``report_to`` names besides them (wandb, mlflow, ...).  ``model_config``
+    (the loaded model's ``config``) tells ``liger: auto`` whether Liger has kernels for
+    the model; without it ``auto`` leaves them off.
     """
     from transformers import TrainingArguments
+
+    from vistune.training.liger import use_liger
 
     bf16 = config.bf16 if config.bf16 is not None else default_bf16(device)
     fsdp = config.parallel_method == "fsdp"
@@ -126,7 +130,7 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, **overrides:
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         use_cpu=device == "cpu",
-        use_liger_kernel=config.liger,
+        use_liger_kernel=use_liger(config, device, model_config),
         # Each process reads its own batches.  Dispatching (accelerate's default for iterable
         # datasets such as packed rows) slices every tensor of a batch along dimension 0 for
         # each process, which cuts image tensors (one entry per image, not per row) and mrope

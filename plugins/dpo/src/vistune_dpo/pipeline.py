@@ -87,6 +87,7 @@ def build_trainer(plan: Plan, objective: Any):
     # with held-out pairs, the first evaluation is of the starting policy: the figures training is judged against
     args = training_arguments(config, plan.launch.device, has_eval=eval_items is not None,
                               include_num_input_tokens_seen="no", eval_on_start=eval_items is not None,
+                              model_config=getattr(model, "config", None),
                               **loader_workers(config, plan.launch.device), **adapter_trainer_overrides(plan))  # fmt: skip
     trainer = PreferenceTrainer(
         model=model,
