@@ -161,7 +161,7 @@ def test_optional_fields_accept_null(tmp_path):
 def test_every_field_has_help_type_and_tasks():
     for name, field in FIELDS.items():
         meta = field.metadata
-        assert meta["help"] and meta["type"] in ("str", "path", "int", "float", "bool", "bool_auto", "str_list", "dict", "rewards"), name
+        assert meta["help"] and meta["type"] in ("str", "path", "int", "float", "bool", "bool_auto", "int_auto", "str_list", "dict", "rewards"), name
         assert set(meta["tasks"]) <= {"sft", "rl", "infer", "serve", "export"}, name
 
 

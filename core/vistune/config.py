@@ -217,14 +217,22 @@ class RunConfig:
     port: int = option(8000, "port to listen on", type="int", tasks=("serve",))
     api_key: str | None = option(None, "require this bearer token (default: env VISTUNE_API_KEY if set)", type="str", tasks=("serve",))
     served_model_name: str | None = option(None, "model id shown in /v1/models (default: the model's name)", type="str", tasks=("serve",))
-    max_batch_size: int = option(8, "requests batched together by the engine", type="int", tasks=("serve", "infer"))
+    max_batch_size: int | str = option(
+        "auto",
+        "requests batched together by the engine: a number, or auto (transformers: as many as the GPU memory left "
+        "after loading fits, 1 to 256; on CPU: 8; vllm and sglang: their own default)",
+        type="int_auto", tasks=("serve", "infer"),
+    )
     max_queue: int = option(64, "waiting requests before new ones get 429", type="int", tasks=("serve",))
     allowed_local_media_path: str | None = option(
         None, "directory from which file:// images may be read (default: none)", type="path", tasks=("serve", "infer")
     )
     max_image_pixels: int = option(4096 * 4096, "largest accepted image, in pixels", type="int", tasks=("serve", "infer"))
     tensor_parallel_size: int = option(1, "GPUs per model replica (vllm, sglang)", type="int", tasks=("serve", "infer"))
-    gpu_memory_utilization: float = option(0.9, "fraction of GPU memory the engine may take (vllm, sglang)", type="float", tasks=_GEN)
+    gpu_memory_utilization: float = option(
+        0.9, "fraction of GPU memory the engine may take (vllm, sglang; transformers: what max_batch_size auto fills)",
+        type="float", tasks=_GEN,
+    )
 
     # -- export --------------------------------------------------------------------
     export_dir: str | None = option(None, "where the merged model goes (default output_dir/merged)", type="path", tasks=("export",))
@@ -423,7 +431,7 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, Source]]
 
 _TYPE_NAMES = {"str": "a string", "path": "a path", "int": "an integer", "float": "a number", "bool": "true or false",
                "str_list": "a list of strings", "dict": "a mapping", "rewards": "a list of rewards",
-               "bool_auto": "true, false or auto"}  # fmt: skip
+               "bool_auto": "true, false or auto", "int_auto": "an integer or auto"}  # fmt: skip
 #: Strings a bool key accepts, as YAML 1.1 and command lines spell them.
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -479,7 +487,9 @@ def convert_value(name: str, kind: str, value: Any, where: str, *, nullable: boo
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise bad()
         value = str(value)
-    elif kind == "int":
+    elif kind in ("int", "int_auto"):
+        if kind == "int_auto" and isinstance(value, str) and value.lower() == "auto":
+            return "auto"
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad()
     elif kind == "float":
@@ -549,7 +559,7 @@ def _check_ranges(loaded: LoadedConfig) -> None:
         "save_steps", "max_batch_size", "max_queue", "tensor_parallel_size",
     )  # fmt: skip
     for name in positive:
-        if getattr(config, name) < 1:
+        if getattr(config, name) != "auto" and getattr(config, name) < 1:
             raise ConfigError(f"{loaded.where(name)}: {name} must be at least 1, got {getattr(config, name)}")
     for name in ("learning_rate", "warmup_ratio", "weight_decay", "beta", "epsilon"):
         if getattr(config, name) < 0:

@@ -128,10 +128,12 @@ class TransformersEngine:
     :param model_path: local checkpoint directory.
     :param model_type: the :class:`vistune.specs.ModelType` whose loader loads it.
     :param config: the run's :class:`vistune.config.RunConfig` (device, dtype, quantization,
-        template, ``adapter_path``, ``max_batch_size``).
+        template, ``adapter_path``, ``max_batch_size``: ``auto`` is resolved once the model is
+        loaded, see :mod:`vistune.inference.batch_size`).
     """
 
     def __init__(self, model_path: str, model_type: Any, config: Any):
+        from vistune.inference import batch_size
         from vistune.models import LoadOptions
         from vistune.plugins import get_plugin_manager
         from vistune.options import spec_option_values
@@ -147,7 +149,9 @@ class TransformersEngine:
         pm.hook.vistune_model_loaded(model=model, processor=processor, model_type=model_type, config=config)
         encoder = template_encoder(processor, config.template or model_type.default_template, _max_model_len(model),
                                    config)  # fmt: skip
-        self._setup(model, processor, encoder, max_batch_size=config.max_batch_size)
+        self._setup(model, processor, encoder, max_batch_size=batch_size.resolve(
+            config.max_batch_size, model, max_model_len=_max_model_len(model),
+            utilization=config.gpu_memory_utilization, prefill_tokens=MAX_PREFILL_TOKENS))  # fmt: skip
         if config.adapter_path:
             self.add_adapter("default", config.adapter_path)
             self._default_adapter = "default"

@@ -155,6 +155,7 @@ def run(plan: Plan) -> dict[str, Any]:
     from vistune.data.validation import read_validated
     from vistune.inference import metrics as metric_functions
     from vistune.inference.backends import create_engine
+    from vistune.inference.batch_size import batch_size_of
     from vistune.pipelines.sft import ensure_built
 
     config = plan.config
@@ -171,7 +172,7 @@ def run(plan: Plan) -> dict[str, Any]:
     started = time.monotonic()
     try:
         with path.open("w") as out, tqdm(total=len(dataset), unit="sample", desc="infer", mininterval=1) as bar:
-            for chunk in _chunks(_items(dataset), config.max_batch_size * CHUNK_BATCHES):
+            for chunk in _chunks(_items(dataset), batch_size_of(engine, config) * CHUNK_BATCHES):
                 bad = [x for x in chunk if isinstance(x, DataError)]
                 if bad and config.on_bad_record != "skip":
                     raise bad[0]

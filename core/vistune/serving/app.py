@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from vistune.inference.batch_size import batch_size_of
 from vistune.inference.engine import (
     Engine,
     EngineClosedError,
@@ -214,10 +215,11 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
     :param config: the run's :class:`vistune.config.RunConfig` (limits, media policy,
         API key, defaults for sampling).
     :param owns_engine: close the engine when the application shuts down.
-    :param admission: the in-flight limit (default: ``max_batch_size + max_queue``);
-        also reachable as ``app.state.admission``.
+    :param admission: the in-flight limit (default: ``max_batch_size + max_queue``, with
+        the engine's own batch size for ``max_batch_size: auto``); also reachable as
+        ``app.state.admission``.
     """
-    admission = admission or Admission(config.max_batch_size + config.max_queue)
+    admission = admission or Admission(batch_size_of(engine, config) + config.max_queue)
     policy = MediaPolicy.from_config(config)
     api_key = resolve_api_key(config)
 

@@ -65,6 +65,12 @@ def test_generate_and_engine_arguments():
         quantization("int8")
 
 
+def test_max_batch_size_auto_leaves_sglang_its_own_max_running_requests():
+    assert "max_running_requests" not in engine_kwargs("/m", RunConfig(task="serve"), context_length=None, lora_paths={})
+    config = RunConfig(task="serve", max_batch_size=3)
+    assert engine_kwargs("/m", config, context_length=None, lora_paths={})["max_running_requests"] == 3
+
+
 def test_outputs_become_deltas_and_finish_reasons():
     stream = CumulativeOutput()
     assert stream.delta({"text": "a r", "output_ids": [5, 6]}) == ("a r", [5, 6])
@@ -89,8 +95,9 @@ def test_names_match_the_pinned_sglang_api():
     assert sent <= set(api["Engine"]["async_generate"]) and sent <= set(api["GenerateReqInput"])
     assert {"lora_name", "lora_path"} <= set(api["Engine"]["async_load_lora_adapter"])
     assert "shutdown" in api["Engine"]
-    config = RunConfig(task="serve", tensor_parallel_size=2, quantization="awq", adapter_path="/a")
+    config = RunConfig(task="serve", tensor_parallel_size=2, quantization="awq", adapter_path="/a", max_batch_size=4)
     kwargs = engine_kwargs("/m", config, context_length=8, lora_paths={"a": "/a"})
+    assert "max_running_requests" in kwargs
     assert set(kwargs) <= set(api["ServerArgs"]), set(kwargs) - set(api["ServerArgs"])
 
 

@@ -41,6 +41,14 @@ def test_engine_arguments_follow_the_config():
     assert kwargs["enforce_eager"] is False and kwargs["max_loras"] == 4  # the backend's declared defaults
 
 
+def test_max_batch_size_auto_leaves_vllm_its_own_max_num_seqs():
+    auto = engine_kwargs("/models/llava", RunConfig(task="serve"), max_model_len=None, max_lora_rank=None)
+    assert "max_num_seqs" not in auto
+    config = RunConfig(task="serve", max_batch_size=3)
+    explicit = engine_kwargs("/models/llava", config, max_model_len=None, max_lora_rank=None)
+    assert explicit["max_num_seqs"] == 3
+
+
 def test_the_backends_own_options_reach_the_engine_arguments(plugin_manager):
     from vistune.config import load_config
     from vistune.testing import check_options

@@ -40,8 +40,8 @@ class SglangEngine:
     :param config: the run's :class:`vistune.config.RunConfig`: ``tensor_parallel_size``
         (``tp_size``), ``gpu_memory_utilization`` (``mem_fraction_static``),
         ``quantization``, ``dtype``, ``max_length`` (``context_length``, capped by the
-        model's), ``max_batch_size`` (``max_running_requests``), ``adapter_path`` (the
-        default LoRA adapter).
+        model's), ``max_batch_size`` (``max_running_requests``; ``auto`` leaves SGLang's own),
+        ``adapter_path`` (the default LoRA adapter).
     """
 
     def __init__(self, model_path: str, model_type: Any, config: Any):

@@ -78,9 +78,10 @@ def engine_kwargs(
         "quantization": quantization(config.quantization),
         "trust_remote_code": config.trust_remote_code,
         "random_seed": config.seed,
-        "max_running_requests": max(config.max_batch_size, 1),
         "log_level": "error",
     }
+    if config.max_batch_size != "auto":  # auto: SGLang sizes its batches from the memory its KV cache gets
+        kwargs["max_running_requests"] = max(config.max_batch_size, 1)
     if context_length is not None:
         kwargs["context_length"] = context_length
     if lora_paths:

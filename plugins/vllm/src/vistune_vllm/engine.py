@@ -30,6 +30,7 @@ from typing import Any
 
 from vistune.errors import ConfigError
 from vistune.inference.background_loop import BackgroundLoop, Emit
+from vistune.inference.batch_size import AUTO, ENGINE_CHOSEN
 from vistune.inference.engine import (
     CompletionOutput,
     EngineClosedError,
@@ -87,6 +88,12 @@ def _merged_state_dict(model: Any) -> dict[str, Any]:
     return state
 
 
+def _max_num_seqs(llm: Any) -> int:
+    """The most sequences vLLM's scheduler runs together, as vLLM resolved it (:data:`ENGINE_CHOSEN` if it hides it)."""
+    scheduler = getattr(getattr(llm, "vllm_config", None), "scheduler_config", None)
+    return int(getattr(scheduler, "max_num_seqs", None) or ENGINE_CHOSEN)
+
+
 def _finish_reason(reason: str | None) -> str | None:
     if reason == "abort":
         raise EngineClosedError("vLLM aborted the request")
@@ -100,8 +107,8 @@ class VllmEngine:
     :param model_type: the :class:`vistune.specs.ModelType` (its default template encodes prompts).
     :param config: the run's :class:`vistune.config.RunConfig`: ``tensor_parallel_size``,
         ``gpu_memory_utilization``, ``quantization``, ``dtype``, ``max_length`` (vLLM's
-        ``max_model_len``, capped by the model's), ``max_batch_size`` (``max_num_seqs``),
-        ``adapter_path`` (served as the default LoRA adapter).
+        ``max_model_len``, capped by the model's), ``max_batch_size`` (``max_num_seqs``;
+        ``auto`` leaves vLLM's own), ``adapter_path`` (served as the default LoRA adapter).
     """
 
     def __init__(
@@ -116,8 +123,6 @@ class VllmEngine:
         self._prompts = CheckpointPrompts(model_path, model_type, config, encoder)
         max_model_len = self._prompts.max_model_len
         self.tokenizer, self.encoder = self._prompts.tokenizer, self._prompts.encoder
-        #: Requests are queued beyond this; RL raises it to a rollout's size (informational for vLLM).
-        self.max_batch_size = max(config.max_batch_size, 1)
         if lora_rank is None and config.adapter_path:
             lora_rank = _adapter_rank(config.adapter_path)
         max_lora_rank = _kernel_rank(lora_rank) if lora_rank else None
@@ -143,6 +148,10 @@ class VllmEngine:
             self._loop.stop()
             raise
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        #: Requests are queued beyond this; RL raises it to a rollout's size (informational for vLLM).
+        #: ``max_batch_size: auto`` is vLLM's own ``max_num_seqs``.
+        auto = config.max_batch_size == AUTO
+        self.max_batch_size = _max_num_seqs(self._llm) if auto else max(config.max_batch_size, 1)
         if config.adapter_path:
             self.add_adapter("default", config.adapter_path)
             self._default_adapter = "default"
@@ -170,7 +179,9 @@ class VllmEngine:
                               f"{model_path!r}", hint="set backend: transformers")  # fmt: skip
         lora_rank = model.peft_config[model.active_adapter].r if _syncs_as_lora(model) else None
         # an SFT adapter the run continues is the policy's own adapter here, synced below, not a served one
-        config = attrs.evolve(config, adapter_path=None, max_batch_size=max(config.max_batch_size, max_batch_size))
+        # the rollout's size, which the trainer gives, or a configured number above it
+        rows = max_batch_size if config.max_batch_size == AUTO else max(config.max_batch_size, max_batch_size)
+        config = attrs.evolve(config, adapter_path=None, max_batch_size=rows)
         engine = cls(model_path, None, config, encoder=encoder, lora_rank=lora_rank)
         try:
             engine.update_weights(model)

@@ -76,11 +76,12 @@ def engine_kwargs(model_path: str, config: Any, *, max_model_len: int | None, ma
         "gpu_memory_utilization": config.gpu_memory_utilization,
         "trust_remote_code": config.trust_remote_code,
         "seed": config.seed,
-        "max_num_seqs": max(config.max_batch_size, 1),
         "enable_lora": max_lora_rank is not None,
         "disable_log_stats": True,
         "enforce_eager": options["enforce_eager"],
     }
+    if config.max_batch_size != "auto":  # auto: vLLM's default, whose scheduler takes what its KV cache holds
+        kwargs["max_num_seqs"] = max(config.max_batch_size, 1)
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
     if max_lora_rank is not None:
