@@ -224,6 +224,10 @@ class RunConfig:
         type="int_auto", tasks=("serve", "infer"),
     )
     max_queue: int = option(64, "waiting requests before new ones get 429", type="int", tasks=("serve",))
+    cuda_graphs: bool = option(
+        True, "transformers backend on a GPU: replay each decode step as a CUDA graph (false: launch it eagerly)",
+        type="bool", tasks=("serve", "infer"),
+    )
     allowed_local_media_path: str | None = option(
         None, "directory from which file:// images may be read (default: none)", type="path", tasks=("serve", "infer")
     )

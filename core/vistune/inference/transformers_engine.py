@@ -36,9 +36,11 @@ from vistune.inference.engine import (
     check_context,
     result_from_events,
 )
-from vistune.inference.kv_batch import RunningBatch
+from vistune.inference.cuda_graphs import DecodeRunner
+from vistune.inference.kv_batch import RunningBatch, mergeable
 from vistune.inference.prompts import encode_prompt, template_encoder, tokenizer_of
 from vistune.inference.sampling import RowSampler, sample_next
+from vistune.inference.slot_cache import SlotBatch
 
 #: Token budget of one prefill: more waiting prompts are prefilled on the next turn.
 MAX_PREFILL_TOKENS = 16384
@@ -151,7 +153,7 @@ class TransformersEngine:
                                    config)  # fmt: skip
         self._setup(model, processor, encoder, max_batch_size=batch_size.resolve(
             config.max_batch_size, model, max_model_len=_max_model_len(model),
-            utilization=config.gpu_memory_utilization, prefill_tokens=MAX_PREFILL_TOKENS))  # fmt: skip
+            utilization=config.gpu_memory_utilization, prefill_tokens=MAX_PREFILL_TOKENS), cuda_graphs=config.cuda_graphs)  # fmt: skip
         if config.adapter_path:
             self.add_adapter("default", config.adapter_path)
             self._default_adapter = "default"
@@ -172,10 +174,14 @@ class TransformersEngine:
             engine runs the policy as it is and needs nothing from it.
         """
         engine = cls.__new__(cls)
-        engine._setup(model, processor, encoder, max_batch_size=max_batch_size)
+        engine._setup(model, processor, encoder, max_batch_size=max_batch_size, cuda_graphs=False, keep_cache=False)
         return engine
 
-    def _setup(self, model: Any, processor: Any, encoder: Any, *, max_batch_size: int) -> None:
+    def _setup(self, model: Any, processor: Any, encoder: Any, *, max_batch_size: int, cuda_graphs: bool = True,
+               keep_cache: bool = True) -> None:  # fmt: skip
+        """``cuda_graphs``: replay decode steps as CUDA graphs where the model allows it;
+        ``keep_cache``: keep the KV slots allocated while idle (a server), or free them (RL rollouts
+        between training steps)."""
         import torch
 
         self.model = model
@@ -201,7 +207,15 @@ class TransformersEngine:
         self._model_lock = threading.Lock()
         self._waiting: deque[_Job] = deque()
         self._rows: list[_Row] = []
-        self._batch: RunningBatch | None = None
+        self._batch: RunningBatch | SlotBatch | None = None
+        self._keep_cache = keep_cache
+        base_config = getattr(base, "config", None)
+        text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
+        #: Slots need an attention kernel that takes a 4D mask, and full attention in every layer.
+        self._slots_allowed = getattr(text_config, "_attn_implementation", "sdpa") in ("sdpa", "eager", None)
+        quantized = bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None))
+        self._decoder = DecodeRunner(self._slot_forward, self.pad_id,
+                                     use_graphs=cuda_graphs and self.device.type == "cuda" and not quantized)  # fmt: skip
         self._closed = False
         self._encode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="vistune-encode")
         self._thread = threading.Thread(target=self._loop, name="vistune-engine", daemon=True)
@@ -266,6 +280,7 @@ class TransformersEngine:
 
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
             self.model.eval()
+            self._decoder.reset()  # captured steps ran the model without this adapter's layers
 
     def close(self) -> None:
         """Stop the scheduler; waiting and running requests fail with :class:`EngineClosedError`."""
@@ -360,13 +375,14 @@ class TransformersEngine:
                 job.sink(error)
             self._rows = [row for row in self._rows if id(row.job) not in failed]
             if not self._rows:
-                self._batch = None
+                self._release_batch()
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             jobs = list(self._waiting) + [row.job for row in self._rows]
             self._waiting.clear()
-        self._rows, self._batch = [], None
+        self._rows = []
+        self._release_batch()
         for job in {id(j): j for j in jobs}.values():
             job.sink(error)
 
@@ -378,9 +394,16 @@ class TransformersEngine:
     def _keep_rows(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
         if not self._rows:
-            self._batch = None
+            self._release_batch()
         else:
             self._batch.select(keep)
+
+    def _release_batch(self) -> None:
+        """No rows run: keep the empty KV slots for the next requests, or free them."""
+        if isinstance(self._batch, SlotBatch) and self._keep_cache:
+            self._batch.select([])
+        else:
+            self._batch = None
 
     # -- model steps -----------------------------------------------------------------------
 
@@ -389,13 +412,24 @@ class TransformersEngine:
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         with self._model_lock:
-            if hasattr(self.model, "peft_config"):
-                # peft names the base model BASE_ADAPTER in a mixed-adapter batch
-                names = [row.job.request.adapter or self._default_adapter or BASE_ADAPTER for row in rows]
-                active = getattr(self.model, "active_adapter", None)
-                if any(name != active for name in names):
-                    kwargs["adapter_names"] = names
-            return self.model(**kwargs)
+            return self.model(**kwargs, **self._adapter_names(rows))
+
+    def _adapter_names(self, rows: Sequence[Any], padding: int = 0) -> dict[str, Any]:
+        """``{"adapter_names": [...]}`` when the rows do not all use the active adapter, else ``{}``."""
+        if not hasattr(self.model, "peft_config"):
+            return {}
+        # peft names the base model BASE_ADAPTER in a mixed-adapter batch
+        names = [row.job.request.adapter or self._default_adapter or BASE_ADAPTER for row in rows]
+        active = getattr(self.model, "active_adapter", None)
+        if all(name == active for name in names):
+            return {}
+        return {"adapter_names": names + names[:1] * padding}
+
+    def _slot_forward(self, *, cache: Any, **kwargs: Any) -> Any:
+        """A decode step's model call (the :class:`DecodeRunner` holds the inputs)."""
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -475,25 +509,44 @@ class TransformersEngine:
         if len(keep) != len(rows):
             batch.select(keep)
             rows = [rows[i] for i in keep]
-        if self._batch is None:
+        if self._batch is None and self._slots_allowed and mergeable(batch.cache):
+            self._batch = SlotBatch(batch.cache, self.max_batch_size)
+        if isinstance(self._batch, SlotBatch):
+            needed = max(row.job.prompt_tokens + row.job.request.sampling.max_tokens for row in rows)
+            self._batch.absorb(batch.cache, batch.attention_mask, batch.offsets, needed=min(needed, self.max_model_len))
+            self._rows = self._rows + rows
+        elif self._batch is None:
             self._batch, self._rows = batch, rows
         else:
             self._batch.merge(batch)
             self._rows = self._rows + rows
 
     def _decode_step(self) -> None:
+        batch = self._batch
+        if isinstance(batch, SlotBatch):
+            padding = batch.step_shape()[0] - batch.size
+            with self._model_lock:
+                logits = self._decoder.step(batch, [row.token_ids[-1] for row in self._rows],
+                                            getattr(self.model, "active_adapter", None),
+                                            **self._adapter_names(self._rows, padding))  # fmt: skip
+            batch.advance()
+        else:
+            logits = self._dynamic_decode(batch)
+        tokens = sample_next(logits, [row.sampler for row in self._rows])
+        keep = self._advance(self._rows, tokens)
+        if len(keep) != len(self._rows):
+            self._keep_rows(keep)
+
+    def _dynamic_decode(self, batch: RunningBatch) -> Any:
+        """A decode step over a ``DynamicCache`` (models whose layers cannot use slots)."""
         import torch
 
-        batch = self._batch
         last = torch.tensor([[row.token_ids[-1]] for row in self._rows], device=batch.attention_mask.device)
         positions = batch.next_positions()
         batch.grow()
         output = self._forward(self._rows, input_ids=last, attention_mask=batch.attention_mask, position_ids=positions,
                                use_cache=True, **{self._cache_kwarg: batch.cache})  # fmt: skip
-        tokens = sample_next(output.logits[:, -1, :], [row.sampler for row in self._rows])
-        keep = self._advance(self._rows, tokens)
-        if len(keep) != len(self._rows):
-            self._keep_rows(keep)
+        return output.logits[:, -1, :]
 
     def _advance(self, rows: Sequence[_Row], tokens: Sequence[int]) -> list[int]:
         """Append each row's new token, send its text; return the indices of rows still going."""

@@ -1,0 +1,97 @@
+"""The engine's KV slots: bucket sizes, in-place growth and compaction, and exact decoding across them.
+
+The engine tests (test_infer_engine.py) check slot decoding against ``generate`` for
+rows that join and leave; these check what those cannot see: that the slot layout is
+the one in use, that buffers grown mid-generation keep every row's keys, and that
+compacting rows moves exactly their filled columns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from vistune.inference import GenerationRequest, SamplingParams, collect
+from vistune.inference.slot_cache import WIDTH_STEP, SlotBatch, bucket_rows, bucket_width, make_slot_cache
+
+from test_infer_engine import PROMPTS, chat, llama_engine  # noqa: F401  (fixture)
+
+
+def test_buckets():
+    assert [bucket_rows(n) for n in (1, 2, 3, 5, 8, 9, 17, 33)] == [1, 2, 4, 8, 8, 16, 24, 40]
+    assert [bucket_width(n) for n in (1, WIDTH_STEP, WIDTH_STEP + 1)] == [WIDTH_STEP, WIDTH_STEP, 2 * WIDTH_STEP]
+
+
+def prefill_cache(lengths: list[int], layers: int = 2, heads: int = 2, dim: int = 4):
+    """A left-padded ``DynamicCache`` whose key at (row, column) is row * 1000 + position."""
+    from transformers import DynamicCache
+
+    width = max(lengths)
+    cache = DynamicCache()
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    keys = torch.zeros(len(lengths), heads, width, dim)
+    for r, n in enumerate(lengths):
+        mask[r, width - n :] = 1
+        keys[r, :, width - n :] = (r * 1000 + torch.arange(n, dtype=torch.float)).view(1, n, 1)
+    for layer in range(layers):
+        cache.update(keys.clone(), -keys.clone(), layer)
+    return cache, mask
+
+
+def test_absorb_grow_and_select_keep_each_rows_columns():
+    cache, mask = prefill_cache([3, 5, 2])
+    batch = SlotBatch(cache, slots=2)
+    batch.absorb(cache, mask, torch.tensor([-2, 0, -3]), needed=10)
+    assert batch.lengths == [3, 5, 2] and batch.slots == 4
+    assert batch.offsets[:3].tolist() == [0, 0, 0]  # position == column once the left padding is gone
+    batch.reserve(8, 2 * WIDTH_STEP + 1)  # grown while rows run: kept rows are copied
+    assert batch.slots == 8 and batch.capacity == 3 * WIDTH_STEP
+    keys = batch.cache.keys[1]
+    assert keys[1, 0, :5, 0].tolist() == [1000, 1001, 1002, 1003, 1004]
+    assert batch.cache.values[0][2, 1, :2, 0].tolist() == [-2000, -2001]
+    batch.select([1, 2])  # row 0 leaves: rows 1 and 2 move down
+    assert batch.lengths == [5, 2]
+    assert keys[0, 0, :5, 0].tolist() == [1000, 1001, 1002, 1003, 1004]
+    assert keys[1, 0, :2, 0].tolist() == [2000, 2001]
+
+
+def test_slot_cache_writes_each_row_at_its_own_column():
+    keys = [torch.zeros(4, 1, 8, 2)]
+    cache = make_slot_cache(keys, [torch.zeros(4, 1, 8, 2)])
+    from transformers.cache_utils import Cache
+
+    assert isinstance(cache, Cache)
+    cache.begin_step(torch.arange(2), torch.tensor([3, 5]), width=6)
+    k, _ = cache.update(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), 0)
+    assert k.shape == (2, 1, 6, 2)
+    assert keys[0][0, 0, :, 0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert keys[0][1, 0, :, 0].tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
+
+
+def test_engine_decodes_in_slots_and_grows_them_mid_generation(llama_engine):  # noqa: F811
+    """A short request runs; one needing more columns than the slots hold joins; both stay exact."""
+
+    async def scenario():
+        short = llama_engine.stream(GenerationRequest(chat(PROMPTS[0]), SamplingParams(max_tokens=40, ignore_eos=True)))
+        tokens, late = [], None
+        async for event in short:
+            tokens.extend(event.token_ids)
+            if len(tokens) == 2:
+                assert isinstance(llama_engine._batch, SlotBatch)
+                capacity = llama_engine._batch.capacity
+                late = asyncio.ensure_future(collect(llama_engine.stream(
+                    GenerationRequest(chat(PROMPTS[1]), SamplingParams(max_tokens=capacity + 20, ignore_eos=True)))))
+        return tokens, await late, capacity
+
+    tokens, late, capacity = asyncio.run(scenario())
+    assert llama_engine._batch.capacity > capacity
+    for prompt, got in ((PROMPTS[0], tokens), (PROMPTS[1], late.outputs[0].token_ids)):
+        with torch.inference_mode():
+            ids = torch.tensor([llama_engine.encoder.encode_prompt(chat(prompt))["input_ids"]])
+            for _ in range(len(got)):
+                ids = torch.cat([ids, llama_engine.model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        assert got == ids[0, -len(got) :].tolist()
