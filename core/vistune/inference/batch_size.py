@@ -1,9 +1,9 @@
 """``max_batch_size: auto``: how many rows the ``transformers`` engine decodes together.
 
-The engine keeps one KV cache for its running rows, padded so that every row ends at the
-same column (:mod:`vistune.inference.kv_batch`): each row holds as many KV entries as the
-longest one.  So ``auto`` sizes the batch from the memory the model leaves free and what
-one row's cache may grow to::
+The engine keeps its running rows' keys and values in slots of equal capacity
+(:mod:`vistune.inference.slot_cache`): every slot holds as many columns as the longest
+request admitted needs.  So ``auto`` sizes the batch from the memory the model leaves free
+and what one row's cache may grow to::
 
     kv_per_token = 2 (keys and values) * num_hidden_layers * num_key_value_heads * head_dim * dtype_bytes
     row_tokens   = min(max_model_len, ROW_TOKENS)
