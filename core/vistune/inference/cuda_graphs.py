@@ -97,16 +97,22 @@ class DecodeRunner:
         import torch
 
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._run(batch, rows, width, {})
-            torch.cuda.current_stream().wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._run(batch, rows, width, {})
+            # capture_begin/end rather than torch.cuda.graph(), which empties the allocator's
+            # cache (and may collect garbage) before every capture: about a second each with
+            # a 7B model loaded, paid by the first request of every new bucket.
+            with torch.cuda.stream(stream):
+                self._run(batch, rows, width, {})
+                graph.capture_begin(self._pool, capture_error_mode="thread_local")  # encoding threads run beside it
+                try:
+                    logits = self._run(batch, rows, width, {})
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(stream)
             return graph, logits
         except Exception as exc:  # noqa: BLE001 - an uncapturable model still decodes, eagerly
             log.warning("decoding without CUDA graphs: capturing a step failed (%s)", exc)
