@@ -95,3 +95,28 @@ def test_engine_decodes_in_slots_and_grows_them_mid_generation(llama_engine):  #
             for _ in range(len(got)):
                 ids = torch.cat([ids, llama_engine.model(ids).logits[:, -1:].argmax(-1)], dim=1)
         assert got == ids[0, -len(got) :].tolist()
+
+
+def test_rollout_engines_free_their_slots_between_calls(llama_engine):  # noqa: F811
+    """An engine over a training policy keeps no KV memory once its rows are done; a server keeps its slots."""
+    from vistune.inference.transformers_engine import TransformersEngine
+
+    rollout = TransformersEngine.from_model(llama_engine.model, llama_engine.processor, llama_engine.encoder)
+    try:
+        request = GenerationRequest(chat(PROMPTS[2]), SamplingParams(max_tokens=4, n=3))
+        assert len(rollout.generate([request])[0].outputs) == 3
+        settled(lambda: rollout._batch is None)  # the engine thread drops the rows just after their last event
+        assert rollout._decoder.use_graphs is False
+    finally:
+        rollout.close()
+    llama_engine.generate([GenerationRequest(chat(PROMPTS[2]), SamplingParams(max_tokens=4))])
+    settled(lambda: isinstance(llama_engine._batch, SlotBatch) and llama_engine._batch.size == 0)
+
+
+def settled(condition, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the engine did not reach the expected state"
+        time.sleep(0.01)
