@@ -18,20 +18,6 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-#: ``config.model_type`` values liger-kernel 0.8.5 patches (the keys of
-#: ``MODEL_TYPE_TO_APPLY_LIGER_FN`` in ``liger_kernel/transformers/monkey_patch.py``).  Checked
-#: first, so a model Liger does not know never imports it; the installed package's own table
-#: has the last word (an older release knows fewer types).
-SUPPORTED_MODEL_TYPES = frozenset({
-    "deepseek_v2", "deepseek_v3", "deepseek_v4", "exaone4", "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text",
-    "gemma4", "gemma4_text", "glm4", "glm4v", "glm4v_moe", "gpt_oss", "granite", "hunyuan_v1_dense", "hunyuan_v1_moe",
-    "internvl", "llama", "llama4", "llama4_text", "llava", "ministral", "mistral", "mixtral", "mllama",
-    "mllama_text_model", "muse_glimmer", "nemotron", "olmo2", "olmo3", "paligemma", "phi3", "pixtral", "qwen2",
-    "qwen2_5_vl", "qwen2_5_vl_text", "qwen2_vl", "qwen2_vl_text", "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text",
-    "qwen3_5_text", "qwen3_moe", "qwen3_next", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_moe_text", "qwen3_vl_text",
-    "smollm3", "smolvlm",
-})  # fmt: skip
-
 
 def model_types(model_config: Any) -> tuple[str, ...]:
     """The model's ``model_type`` and, for a VLM, its text model's: Liger patches a VLM's
@@ -72,7 +58,7 @@ def liger_decision(setting: Any, *, task: str, device: str, model_config: Any,
       bitsandbytes loading keeps it, so QLoRA runs get the kernels) but not for whatever a
       quantized checkpoint saved;
     - the model's type and its text model's type are ones Liger patches
-      (:data:`SUPPORTED_MODEL_TYPES`, then the installed package's table).
+      (the installed package's table, read only once the checks above passed).
     """
     if setting is not True and setting != "auto":
         return False, "liger is false"
@@ -89,9 +75,6 @@ def liger_decision(setting: Any, *, task: str, device: str, model_config: Any,
     types = model_types(model_config)
     if not types:
         return False, "the model's type is unknown"
-    unknown = [t for t in types if t not in SUPPORTED_MODEL_TYPES]
-    if unknown:
-        return False, f"Liger has no kernels for model type {unknown[0]}"
     try:
         version, installed = installed_model_types()
     except Exception as exc:  # noqa: BLE001 - a broken triton or CUDA setup must not stop an auto run
