@@ -122,3 +122,9 @@ def test_true_without_the_package_is_refused_naming_the_field(monkeypatch):
         check_liger(build_config({"task": "sft", "liger": True}))
     assert "liger: false" in error.value.hint
     check_liger(build_config({"task": "sft"}))  # auto runs without the package
+
+
+def test_auto_leaves_compiled_runs_alone(installed):
+    chosen, why = liger_decision("auto", **ON_GPU, compiling=True)
+    assert chosen is False and "compiled" in why
+    assert liger_decision(True, **ON_GPU, compiling=True)[0] is True

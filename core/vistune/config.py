@@ -157,7 +157,8 @@ class RunConfig:
     liger: bool | str = option(
         "auto",
         "Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): true, false, or auto (sft on a CUDA GPU "
-        "with the liger-kernel package installed and a model type Liger supports; not for prequantized checkpoints)",
+        "with the liger-kernel package installed and a model type Liger supports; not for compiled blocks or "
+        "prequantized checkpoints)",
         type="bool_auto", tasks=_TRAIN,
     )
     torch_compile: bool | str = option(

@@ -73,6 +73,7 @@ def build_trainer(plan: Plan):
     from vistune.data.validation import print_line, read_validated
     from vistune.plugins import get_plugin_manager
     from vistune.training.arguments import training_arguments
+    from vistune.training.liger import use_liger
     from vistune.training.metrics import MetricsCallback
     from vistune.training.trainer import VistuneTrainer
 
@@ -101,9 +102,9 @@ def build_trainer(plan: Plan):
         # aligned lengths: compiled blocks specialise on alignment, and tensor cores prefer it
         collator = Collator(pad_token_id(processor), pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
     model = loading.apply_adapter(plan, model)
-    args = training_arguments(config, plan.launch.device, has_eval=eval_dataset is not None,
-                              model_config=getattr(model, "config", None), **overrides)  # fmt: skip
-    maybe_compile(model, plan, args, train_dataset)
+    args = training_arguments(config, plan.launch.device, has_eval=eval_dataset is not None, **overrides)
+    compiled = maybe_compile(model, plan, args, train_dataset)
+    args.use_liger_kernel = use_liger(config, plan.launch.device, getattr(model, "config", None), compiling=compiled)
     trainer = VistuneTrainer(
         model=model,
         args=args,
@@ -122,7 +123,7 @@ def build_trainer(plan: Plan):
     return trainer, processor
 
 
-def maybe_compile(model, plan: Plan, args, train_dataset) -> None:
+def maybe_compile(model, plan: Plan, args, train_dataset) -> bool:
     """Compile the model's transformer blocks when ``torch_compile`` (default ``auto``) says so, and say why."""
     from vistune.training.compile import compile_blocks, compile_decision, planned_steps
 
@@ -139,6 +140,7 @@ def maybe_compile(model, plan: Plan, args, train_dataset) -> None:
         message = f"not compiling ({why})"
     if launch.is_main_process() and (chosen or config.torch_compile == "auto" and plan.launch.device == "cuda"):
         print(f"vistune: torch_compile {config.torch_compile}: {message}", flush=True)
+    return chosen
 
 
 class MemoryCachedDataset:

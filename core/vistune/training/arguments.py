@@ -93,7 +93,8 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, model_config
     checkpoints, :mod:`vistune.training.metrics`); the Trainer reports only to the
     integrations ``report_to`` names besides them (wandb, mlflow, ...).  ``model_config``
     (the loaded model's ``config``) tells ``liger: auto`` whether Liger has kernels for
-    the model; without it ``auto`` leaves them off.
+    the model; without it only ``liger: true`` turns them on (a caller that decides
+    ``auto`` later, once it knows whether blocks are compiled, sets ``use_liger_kernel`` itself).
     """
     from transformers import TrainingArguments
 
@@ -130,7 +131,7 @@ def training_arguments(config: Any, device: str, *, has_eval: bool, model_config
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         use_cpu=device == "cpu",
-        use_liger_kernel=use_liger(config, device, model_config),
+        use_liger_kernel=use_liger(config, device, model_config) if model_config is not None else config.liger is True,
         # Each process reads its own batches.  Dispatching (accelerate's default for iterable
         # datasets such as packed rows) slices every tensor of a batch along dimension 0 for
         # each process, which cuts image tensors (one entry per image, not per row) and mrope

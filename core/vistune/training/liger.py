@@ -6,10 +6,10 @@ logits.  transformers applies them at the start of ``train()`` when
 ``TrainingArguments.use_liger_kernel`` is set, choosing the patch by the model's
 ``config.model_type`` (a type it does not know is left as it is, with a log line).
 
-Why ``auto`` is the default: on one H200, LoRA all-linear + gradient checkpointing SFT of a
-Llava-1.5-7B-shaped model ran 15% faster with the kernels (6.61k -> 7.59k tokens/s, same
-16.1 GiB), and the package is something a user installs on purpose; :func:`liger_decision`
-has the rule.  The package needs triton and a CUDA GPU, so it is an extra
+Why ``auto`` is the default: on one H200, QLoRA SFT of a Llava-1.5-7B-shaped model at batch
+1 reserved 8.81 GiB with the kernels against 10.05-10.18 GiB without (3.82k tokens/s, within
+the 3.51k-4.19k of runs without), and the package is something a user installs on purpose;
+:func:`liger_decision` has the rule.  The package needs triton and a CUDA GPU, so it is an extra
 (``pip install 'vistune[gpu]'``), never a requirement.
 """
 
@@ -40,8 +40,8 @@ def installed_model_types() -> tuple[str, frozenset[str]]:
     return version("liger-kernel"), frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
 
 
-def liger_decision(setting: Any, *, task: str, device: str, model_config: Any,
-                   prequantized: bool = False) -> tuple[bool, str]:  # fmt: skip
+def liger_decision(setting: Any, *, task: str, device: str, model_config: Any, prequantized: bool = False,
+                   compiling: bool = False) -> tuple[bool, str]:  # fmt: skip
     """``(apply?, why)`` for a ``liger`` setting (true, false or ``"auto"``).
 
     ``true`` and ``false`` decide outright (``true`` without the package is refused before the
@@ -57,6 +57,10 @@ def liger_decision(setting: Any, *, task: str, device: str, model_config: Any,
       cross-entropy multiplies by ``lm_head.weight`` directly, right for a float head (as
       bitsandbytes loading keeps it, so QLoRA runs get the kernels) but not for whatever a
       quantized checkpoint saved;
+    - the transformer blocks are not compiled (``torch_compile``): on an H200 with torch 2.11
+      and liger-kernel 0.8.5, every compiled Llava run stopped in dynamo inside Liger's RMSNorm
+      before its first step, so compiled runs (the long ones) keep the compiled PyTorch kernels
+      and the others (short runs, QLoRA) get Liger's;
     - the model's type and its text model's type are ones Liger patches
       (the installed package's table, read only once the checks above passed).
     """
@@ -72,6 +76,8 @@ def liger_decision(setting: Any, *, task: str, device: str, model_config: Any,
         return False, f"{task} takes log-probabilities from the logits, so the fused cross-entropy would not run"
     if prequantized:
         return False, "the base model is a prequantized checkpoint (set liger: true to apply the kernels anyway)"
+    if compiling:
+        return False, "the transformer blocks are compiled, and torch.compile fails inside Liger's RMSNorm"
     types = model_types(model_config)
     if not types:
         return False, "the model's type is unknown"
@@ -85,7 +91,7 @@ def liger_decision(setting: Any, *, task: str, device: str, model_config: Any,
     return True, f"liger-kernel {version} supports {' with '.join(dict.fromkeys(types))}"
 
 
-def use_liger(config: Any, device: str, model_config: Any) -> bool:
+def use_liger(config: Any, device: str, model_config: Any, *, compiling: bool = False) -> bool:
     """``TrainingArguments.use_liger_kernel`` for ``config``; under ``auto`` on a GPU, the main
     process says in one line what was chosen and why (as ``torch_compile: auto`` does)."""
     from vistune import launch
@@ -93,7 +99,8 @@ def use_liger(config: Any, device: str, model_config: Any) -> bool:
 
     scheme = get_scheme(config.quantization)
     chosen, why = liger_decision(config.liger, task=config.task, device=device, model_config=model_config,
-                                 prequantized=scheme is not None and scheme.method == "prequantized")  # fmt: skip
+                                 prequantized=scheme is not None and scheme.method == "prequantized",
+                                 compiling=compiling)  # fmt: skip
     if config.liger == "auto" and device == "cuda" and launch.is_main_process():
         action = "applying Liger kernels" if chosen else "not applying Liger kernels"
         print(f"vistune: liger auto: {action} ({why})", flush=True)
