@@ -18,6 +18,7 @@ Positions are a column plus a per-row offset: zero for ordinary models, the mode
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,12 +36,6 @@ def bucket_rows(rows: int) -> int:
 def bucket_width(columns: int) -> int:
     """Columns a step attends to: ``columns`` rounded up to a multiple of :data:`WIDTH_STEP`."""
     return -(-columns // WIDTH_STEP) * WIDTH_STEP
-
-
-def _cache_base() -> type:
-    from transformers.cache_utils import Cache
-
-    return Cache
 
 
 class SlotCache:
@@ -85,9 +80,16 @@ class SlotCache:
         return len(self.keys)
 
 
+@functools.cache
+def _slot_cache_class() -> type:
+    from transformers.cache_utils import Cache
+
+    return type("TransformersSlotCache", (SlotCache, Cache), {})
+
+
 def make_slot_cache(keys: list[Any], values: list[Any]) -> SlotCache:
     """A :class:`SlotCache` over ``keys`` and ``values`` that is also a ``transformers`` ``Cache``."""
-    cls = type("TransformersSlotCache", (SlotCache, _cache_base()), {})
+    cls = _slot_cache_class()
     cache = cls.__new__(cls)
     cache._init_slots(keys, values)
     return cache
