@@ -394,3 +394,63 @@ def test_closed_engine_refuses_requests(tiny_llama, plugin_manager):
     engine.close()
     with pytest.raises(EngineClosedError):
         engine.generate([GenerationRequest(chat("hi"), SamplingParams(max_tokens=2))])
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {key: after[key] - before[key] for key in after}
+
+
+def test_stats_count_every_phase_of_a_batch(llama_engine):
+    """Two requests submitted together: one prefill of both prompts, then 4 decode steps of 2 rows."""
+    samples = [chat(p) for p in PROMPTS[:2]]
+    lengths = [len(llama_engine.encoder.encode_prompt(s)["input_ids"]) for s in samples]
+    before = llama_engine.stats()
+    llama_engine.generate([GenerationRequest(s, SamplingParams(max_tokens=5, ignore_eos=True)) for s in samples])
+    delta = _delta(before, llama_engine.stats())
+    assert delta["requests"] == delta["admissions"] == delta["first_tokens"] == 2
+    assert delta["prefills"] == 1 and delta["prefill_rows"] == 2
+    assert delta["prefill_tokens"] == sum(lengths)
+    assert delta["decode_steps"] == 4 and delta["decode_rows"] == 8  # tokens 2 to 5 of both rows
+    for key in ("encode_seconds", "queue_wait_seconds", "prefill_seconds", "decode_seconds", "first_token_seconds"):
+        assert delta[key] > 0, key
+    assert delta["encode_wait_seconds"] == 0  # generate() encodes in the caller's thread, not the pool
+    # each request's first token came at the end of the prefill it waited for
+    assert delta["first_token_seconds"] == pytest.approx(delta["queue_wait_seconds"] + 2 * delta["prefill_seconds"])
+
+
+def test_stats_of_a_stream_count_its_wait_for_an_encode_thread(llama_engine):
+    before = llama_engine.stats()
+    request = GenerationRequest(chat(PROMPTS[2]), SamplingParams(max_tokens=3, ignore_eos=True))
+    result = asyncio.run(collect(llama_engine.stream(request)))
+    delta = _delta(before, llama_engine.stats())
+    assert delta["requests"] == delta["first_tokens"] == delta["prefills"] == 1
+    assert delta["prefill_tokens"] == result.prompt_tokens
+    assert delta["decode_steps"] == 2 and delta["decode_rows"] == 2
+    assert delta["encode_wait_seconds"] > 0 and delta["encode_seconds"] > 0
+
+
+def test_stats_of_an_image_prompt_count_its_image_tokens(tiny_llava, plugin_manager):
+    engine = engine_for("llava", plugin_manager, tiny_llava)
+    try:
+        sample = chat("<image>\nDescribe the image.", _images()[:1])
+        length = len(engine.encoder.encode_prompt(sample)["input_ids"])
+        [result] = engine.generate([GenerationRequest(sample, SamplingParams(max_tokens=2, ignore_eos=True))])
+        stats = engine.stats()
+        assert stats["prefill_tokens"] == result.prompt_tokens == length
+        assert stats["requests"] == stats["prefills"] == stats["decode_steps"] == 1
+        assert stats["encode_seconds"] > 0 and stats["prefill_seconds"] > 0
+    finally:
+        engine.close()
+
+
+def test_stats_do_not_count_a_first_token_for_a_failed_prefill(llama_engine, monkeypatch):
+    def broken(jobs):
+        raise RuntimeError("out of memory")
+
+    before = llama_engine.stats()
+    monkeypatch.setattr(llama_engine, "_prefill", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        llama_engine.generate([GenerationRequest(chat(PROMPTS[0]), SamplingParams(max_tokens=2))])
+    delta = _delta(before, llama_engine.stats())
+    assert delta["prefills"] == delta["admissions"] == 1 and delta["first_tokens"] == 0
+    assert delta["first_token_seconds"] == 0

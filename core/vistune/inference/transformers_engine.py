@@ -37,6 +37,7 @@ from vistune.inference.engine import (
     result_from_events,
 )
 from vistune.inference.cuda_graphs import DecodeRunner
+from vistune.inference.engine_stats import EngineStats
 from vistune.inference.kv_batch import RunningBatch, mergeable
 from vistune.inference.prompts import encode_prompt, template_encoder, tokenizer_of
 from vistune.inference.sampling import RowSampler, sample_next
@@ -57,6 +58,7 @@ class _Job:
         self.prompt_tokens = len(inputs["input_ids"])
         self.sink = sink
         self.cancelled = False
+        self.submitted_at = 0.0  # time.perf_counter() when it was queued
 
     @property
     def n(self) -> int:
@@ -217,6 +219,7 @@ class TransformersEngine:
         self._decoder = DecodeRunner(self._slot_forward, self.pad_id,
                                      use_graphs=cuda_graphs and self.device.type == "cuda" and not quantized)  # fmt: skip
         self._closed = False
+        self._stats = EngineStats()
         self._encode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="vistune-encode")
         self._thread = threading.Thread(target=self._loop, name="vistune-engine", daemon=True)
         self._thread.start()
@@ -241,7 +244,7 @@ class TransformersEngine:
         """Yield text as it is generated (see :class:`Engine`)."""
         loop = asyncio.get_running_loop()
         try:
-            inputs = await loop.run_in_executor(self._encode_pool, self._prepare, request)
+            inputs = await loop.run_in_executor(self._encode_pool, self._prepare_queued, request, time.perf_counter())
         except RuntimeError as exc:  # the encoding pool was shut down by close()
             if self._closed:
                 raise EngineClosedError("the engine is closed") from exc
@@ -268,6 +271,12 @@ class TransformersEngine:
         finally:
             if unfinished:
                 job.cancelled = True
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters of where time went since the engine started (see
+        :mod:`vistune.inference.engine_stats`); a copy, safe to read from any thread.  It waits
+        for a model step in progress (milliseconds; a prefill can take longer): call it off an event loop."""
+        return self._stats.snapshot()
 
     def add_adapter(self, name: str, path: str) -> None:
         """Load the LoRA adapter in ``path`` (peft format) as ``name``; rows pick it per request."""
@@ -299,19 +308,30 @@ class TransformersEngine:
 
     # -- requests ----------------------------------------------------------------------
 
+    def _prepare_queued(self, request: GenerationRequest, queued_at: float) -> dict[str, Any]:
+        """:meth:`_prepare` in an encode thread, counting how long the request waited for the thread."""
+        self._stats.add(encode_wait_seconds=time.perf_counter() - queued_at)
+        return self._prepare(request)
+
     def _prepare(self, request: GenerationRequest) -> dict[str, Any]:
         """Encode the prompt and check it fits; raises before the request is queued."""
         if self._closed:
             raise EngineClosedError("the engine is closed")
+        started = time.perf_counter()
         inputs = encode_prompt(request.prompt, self.encoder, self.tokenizer)
         check_adapter(request.adapter, getattr(self.model, "peft_config", None) or {})
         check_context(len(inputs["input_ids"]), request.sampling, self.max_model_len)
+        self._stats.add(encode_seconds=time.perf_counter() - started)
         return inputs
 
     def _submit(self, jobs: Sequence[_Job]) -> None:
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
+            now = time.perf_counter()
+            for job in jobs:
+                job.submitted_at = now
+            self._stats.add(requests=len(jobs))
             self._waiting.extend(jobs)
             self._lock.notify_all()
 
@@ -327,9 +347,15 @@ class TransformersEngine:
                     break
                 self._drop_cancelled()
                 if admitted:
-                    self._run_guarded(admitted, functools.partial(self._prefill, admitted))
+                    with self._stats.step():  # stats() waits for the step's counters
+                        started = time.perf_counter()
+                        self._run_guarded(admitted, functools.partial(self._prefill, admitted))
+                        self._count_prefill(admitted, started)
                 if self._rows:
-                    self._run_guarded([row.job for row in self._rows], self._decode_step)
+                    with self._stats.step():
+                        rows, started = len(self._rows), time.perf_counter()
+                        self._run_guarded([row.job for row in self._rows], self._decode_step)
+                        self._stats.add(decode_steps=1, decode_rows=rows, decode_seconds=time.perf_counter() - started)
         self._fail_all(EngineClosedError("the engine was closed before the request finished"))
 
     def _next_admissions(self) -> list[_Job] | None:
@@ -358,6 +384,16 @@ class TransformersEngine:
                 admitted.append(self._waiting.popleft())
                 rows, tokens = rows + job.n, tokens + job.prompt_tokens
             return admitted
+
+    def _count_prefill(self, jobs: Sequence[_Job], started: float) -> None:
+        """Add a prefill that began at ``started`` to the stats: its jobs' wait in the queue,
+        its own time, and the time to first token of those it gave one (not failed or cancelled)."""
+        ended = time.perf_counter()
+        served = [job for job in jobs if not job.cancelled]
+        self._stats.add(admissions=len(jobs), queue_wait_seconds=sum(started - job.submitted_at for job in jobs),
+                        prefills=1, prefill_rows=len(jobs), prefill_tokens=sum(job.prompt_tokens for job in jobs),
+                        prefill_seconds=ended - started, first_tokens=len(served),
+                        first_token_seconds=sum(ended - job.submitted_at for job in served))  # fmt: skip
 
     def _run_guarded(self, jobs: Sequence[_Job], step: Callable[[], None]) -> None:
         """Run a model step; if it raises, fail the jobs it concerned and keep serving.
