@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from vistune.inference.batch_size import batch_size_of
 from vistune.inference.engine import (
@@ -32,14 +32,17 @@ from vistune.inference.engine import (
     collect,
     result_from_events,
 )
+from vistune.inference.engine_stats import DESCRIPTIONS
 from vistune.serving.errors import APIError, bad_request, error_body, install_error_handlers
 from vistune.serving.limits import Admission
 from vistune.serving.media import MediaPolicy, load_image
+from vistune.serving.prometheus import CONTENT_TYPE, Metric, engine_metrics, render
 from vistune.serving.schemas import ChatCompletionRequest, CompletionRequest, parse_body, read_body
 from vistune.templates import IMAGE_TAG, Sample
 
-#: Paths answered without an API key (load balancers probe them).
-PUBLIC_PATHS = ("/health",)
+#: Paths answered without an API key: load balancers probe /health, Prometheus scrapes /metrics
+#: (counts and timings only, no prompt or answer; as vLLM's /metrics).
+PUBLIC_PATHS = ("/health", "/metrics")
 #: Images in one chat request.  Each may have up to ``max_image_pixels`` pixels, and all of
 #: a request's images are decoded before the model sees them: this bounds that memory.
 MAX_IMAGES = 16
@@ -258,6 +261,33 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok", "in_flight": admission.in_flight}
 
+    media = {"images": 0, "seconds": 0.0}  # images of chat requests, and the time spent loading them
+
+    @app.get("/metrics")
+    async def metrics():
+        """Counters in the Prometheus text format, open without the API key (as vLLM's /metrics): they carry
+        counts and timings, nothing of a prompt or an answer.
+
+        The server's own (``vistune_http_...``: requests admitted, refused with 429, in flight, images
+        loaded and the seconds it took), then the engine's ``stats()`` as ``vistune_engine_..._total``
+        (see :mod:`vistune.inference.engine_stats`); an engine without ``stats()`` adds none.
+        """
+        served = [
+            Metric("vistune_http_requests_admitted_total", "counter", "requests let in by the admission limit",
+                   admission.admitted),
+            Metric("vistune_http_requests_refused_total", "counter",
+                   "requests answered 429 because max_batch_size + max_queue were in flight", admission.refused),
+            Metric("vistune_http_requests_in_flight", "gauge", "requests admitted and not yet answered",
+                   admission.in_flight),
+            Metric("vistune_http_images_total", "counter", "images of chat requests fetched and decoded",
+                   media["images"]),
+            Metric("vistune_http_image_seconds_total", "counter",
+                   "seconds spent fetching and decoding the images of chat requests", media["seconds"]),
+        ]  # fmt: skip
+        stats = getattr(engine, "stats", None)
+        found = engine_metrics(await asyncio.to_thread(stats), DESCRIPTIONS) if callable(stats) else []
+        return PlainTextResponse(render(served + found), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
@@ -312,7 +342,11 @@ def create_app(engine: Engine, config: Any, *, model_name: str, owns_engine: boo
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling = _sampling(body, config, max_tokens)
         check_prompt_chars(message_chars(body.messages), engine.max_model_len, "messages")
+        started = time.perf_counter()
         sample = await messages_to_sample(body.messages, policy)
+        if sample.images:
+            media["images"] += len(sample.images)
+            media["seconds"] += time.perf_counter() - started
         generation = await _Generation.start(engine, [GenerationRequest(sample, sampling)])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": model_name, "system_fingerprint": None}

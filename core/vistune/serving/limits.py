@@ -21,6 +21,9 @@ class Admission:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.in_flight = 0
+        #: Requests let in, and requests answered 429 because the server was full, since it started.
+        self.admitted = 0
+        self.refused = 0
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -30,9 +33,11 @@ class Admission:
         if self.draining:
             raise APIError(503, "the server is shutting down", type="service_unavailable", code="shutting_down")
         if self.in_flight >= self.capacity:
+            self.refused += 1
             raise APIError(429, f"the server is at capacity ({self.capacity} requests in flight); retry later",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
         self.in_flight += 1
+        self.admitted += 1
         self._idle.clear()
 
     def leave(self) -> None:
