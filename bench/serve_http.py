@@ -37,6 +37,17 @@ chunking; ``req_per_s`` and ``out_tok_per_s``: finished requests and their outpu
 over the cell's wall time.  Clients are closed loops: each sends its next request when the
 last one ended, ``--requests`` in all (default ``max(8, 2 x clients)``).
 
+Server phases (vistune only): ``/metrics`` is read before and after each cell and the
+differences of its counters go in the row as ``server``: per request, the seconds spent
+loading its image (``image_s_per_request``), waiting for an encode thread
+(``encode_wait_s_per_request``), encoding the prompt (``encode_s_per_request``), waiting
+to be admitted to a prefill (``queue_wait_s_per_request``) and from submission to the
+engine to its first token (``first_token_s_per_request``); per prefill call its seconds
+and prompts (``prefill_s_per_call``, ``prefill_rows_per_call``); per decode step its
+seconds and rows (``decode_s_per_step``, ``rows_per_step``).  The client's TTFT minus
+the encode figures and ``first_token_s_per_request`` is what the rest took: reading the
+request, loading its image, the event loop and sending the first chunk.
+
 Usage on a GPU (the checkpoint is built into ``--work`` on the first run and reused)::
 
     python bench/serve_http.py --site /tmp/site --swift-site /tmp/swift-site --out serve_h200.json
@@ -50,7 +61,7 @@ flight then finish (at most ``--request-timeout``).  ``--vistune-args '--max_bat
 
 ``--smoke`` serves the tiny Llava on the CPU to 1 and 2 clients, 4 new tokens (the test
 suite runs it).  Rows: ``{system, clients, new_tokens, req_per_s, ttft_p50_s, ttft_p95_s,
-itl_p50_s, itl_p95_s, out_tok_per_s, requests, errors, ...}``.
+itl_p50_s, itl_p95_s, out_tok_per_s, requests, errors, ..., server}`` (``server``: vistune's rows).
 """
 
 from __future__ import annotations
@@ -81,6 +92,8 @@ SYSTEMS = ("vistune", "swift", "generate")
 #: Fields each server is sent beyond the OpenAI ones it shares; ms-swift's request has no
 #: ignore_eos / min_tokens / stream_options (it sends usage in every chunk anyway).
 EXTRA_BODY = {"vistune": {"ignore_eos": True, "stream_options": {"include_usage": True}}, "swift": {}}
+#: Systems whose server answers ``GET /metrics`` with vistune's counters.
+METRICS = ("vistune",)
 MARKER = "vocab-restricted.json"
 
 
@@ -310,6 +323,55 @@ def summarise(results: list[Result], wall: float) -> dict:
     return row
 
 
+# -- the server's own accounting -----------------------------------------------------------------
+
+
+def read_metrics(base: str) -> dict[str, float] | None:
+    """``{name: value}`` of the samples (no labels) in a server's ``/metrics`` text; ``None``
+    when it does not answer them (the row then has no ``server`` figures)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{base}/metrics", timeout=30)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    found = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+def server_phases(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Where a cell's time went inside the server: its counters' differences as per-request,
+    per-prefill and per-step figures (``None`` where nothing was counted)."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def per(seconds: str, count: str, digits: int = 6) -> float | None:
+        n = delta(count)
+        return round(delta(seconds) / n, digits) if n > 0 else None
+
+    engine = "vistune_engine_"
+    return {
+        "image_s_per_request": per("vistune_http_image_seconds_total", "vistune_http_requests_admitted_total"),
+        "encode_wait_s_per_request": per(engine + "encode_wait_seconds_total", engine + "requests_total"),
+        "encode_s_per_request": per(engine + "encode_seconds_total", engine + "requests_total"),
+        "queue_wait_s_per_request": per(engine + "queue_wait_seconds_total", engine + "admissions_total"),
+        "first_token_s_per_request": per(engine + "first_token_seconds_total", engine + "first_tokens_total"),
+        "prefill_s_per_call": per(engine + "prefill_seconds_total", engine + "prefills_total"),
+        "prefill_rows_per_call": per(engine + "prefill_rows_total", engine + "prefills_total", 3),
+        "prefill_tokens_per_call": per(engine + "prefill_tokens_total", engine + "prefills_total", 1),
+        "decode_s_per_step": per(engine + "decode_seconds_total", engine + "decode_steps_total"),
+        "rows_per_step": per(engine + "decode_rows_total", engine + "decode_steps_total", 3),
+        "prefills": round(delta(engine + "prefills_total")),
+        "decode_steps": round(delta(engine + "decode_steps_total")),
+    }
+
+
 # -- the servers ---------------------------------------------------------------------------------
 
 
@@ -454,8 +516,12 @@ def bench_server(system: str, args, model: Path, prompts: list[dict]) -> list[di
         for clients, new_tokens in cells(args):
             count = args.requests or max(8, 2 * clients)
             bodies = [chat_body(prompts[i % len(prompts)], model_id, new_tokens, extra) for i in range(count)]
+            before = read_metrics(server.base) if system in METRICS else None
             results, wall = asyncio.run(drive(url, bodies, clients, args.request_timeout, args.cell_budget))
             row = {**base, "clients": clients, "new_tokens": new_tokens, **summarise(results, wall)}
+            after = read_metrics(server.base) if before is not None else None
+            if after is not None:
+                row["server"] = server_phases(before, after)
             if server.process.poll() is not None:
                 row.update(error=f"the server exited with code {server.process.returncode}", log_tail=log_tail(log))
             rows.append(row)

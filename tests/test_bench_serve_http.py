@@ -41,6 +41,20 @@ def test_smoke_serves_every_installed_system_the_same_prompts(tmp_path):
         assert row["out_tok_per_s"] == pytest.approx(4 * row["req_per_s"], rel=0.01)
         # a request cannot finish faster than the cell's wall time allows
         assert row["latency_p50_s"] <= row["wall_s"]
+        if row["system"] != "vistune":
+            assert "server" not in row
+            continue
+        # the server's own accounting of the cell, from /metrics: 8 requests, one prefill each at least
+        server = row["server"]
+        assert 1 <= server["prefills"] <= 8
+        assert server["prefill_rows_per_call"] * server["prefills"] == pytest.approx(8, abs=0.01)
+        assert server["decode_steps"] >= 3 and 1 <= server["rows_per_step"] <= row["clients"]
+        assert server["prefill_s_per_call"] > 0 and server["decode_s_per_step"] > 0
+        for key in ("image_s_per_request", "encode_wait_s_per_request", "encode_s_per_request",
+                    "queue_wait_s_per_request"):  # fmt: skip
+            assert server[key] > 0, key
+        # a request's first token came after its wait in the queue, and within the cell
+        assert server["queue_wait_s_per_request"] < server["first_token_s_per_request"] < row["wall_s"]
     # the server and the plain transformers script saw the same prompt: tiny Llava's 16 image tokens and the text
     assert measured[("vistune", 1)]["prompt_tokens"] == measured[("generate", 1)]["prompt_tokens"] > 16
 
