@@ -120,3 +120,22 @@ def settled(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the engine did not reach the expected state"
         time.sleep(0.01)
+
+
+def test_a_step_whose_capture_fails_runs_eagerly_and_graphs_stay_off(llama_engine, monkeypatch, caplog):  # noqa: F811
+    """A model that cannot be captured still decodes: the failed step runs eagerly, later steps too."""
+    from vistune.inference.cuda_graphs import DecodeRunner
+
+    request = GenerationRequest(chat(PROMPTS[3]), SamplingParams(max_tokens=6, ignore_eos=True))
+    expected = llama_engine.generate([request])[0].outputs[0].token_ids
+
+    def no_capture():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", no_capture)
+    runner = DecodeRunner(llama_engine._slot_forward, llama_engine.pad_id, use_graphs=True)
+    monkeypatch.setattr(llama_engine, "_decoder", runner)
+    with caplog.at_level("WARNING"):
+        got = llama_engine.generate([request])[0].outputs[0].token_ids
+    assert got == expected
+    assert runner.use_graphs is False and "without CUDA graphs" in caplog.text

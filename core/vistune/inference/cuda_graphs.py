@@ -118,5 +118,6 @@ class DecodeRunner:
             log.warning("decoding without CUDA graphs: capturing a step failed (%s)", exc)
             self.use_graphs = False
             self._graphs.clear()
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             return None
