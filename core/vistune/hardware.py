@@ -7,6 +7,14 @@ import itertools
 import os
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (what a scheduler or ``taskset`` allows), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def visible_gpu_count() -> int:
     """NVIDIA GPUs visible to this process (device nodes, narrowed by CUDA_VISIBLE_DEVICES)."""
     devices = [d for d in glob.glob("/dev/nvidia[0-9]*") if d[len("/dev/nvidia") :].isdigit()]

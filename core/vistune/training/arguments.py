@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 from typing import Any
 
 from vistune.errors import ConfigError
+from vistune.hardware import usable_cpus
 from vistune.reporting import trainer_integrations
 
 
@@ -44,14 +44,6 @@ MAX_AUTO_WORKERS = 8
 #: Batches each worker prepares ahead (PyTorch's default is 2).  Encoding time varies with
 #: image sizes and sample lengths; a deeper queue absorbs a slow batch without a GPU stall.
 PREFETCH_FACTOR = 4
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask (what a scheduler or ``taskset`` allows), else all."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
-        return os.cpu_count() or 1
 
 
 def dataloader_workers(setting: str, device: str, processes_per_node: int) -> int:
