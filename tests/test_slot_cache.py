@@ -139,3 +139,13 @@ def test_a_step_whose_capture_fails_runs_eagerly_and_graphs_stay_off(llama_engin
         got = llama_engine.generate([request])[0].outputs[0].token_ids
     assert got == expected
     assert runner.use_graphs is False and "without CUDA graphs" in caplog.text
+
+
+def test_every_allocation_is_a_new_generation():
+    """A decode runner that outlives a batch (an RL engine frees its slots between rollouts) must see the new buffers."""
+    cache, mask = prefill_cache([3])
+    first, second = SlotBatch(cache, slots=1), SlotBatch(cache, slots=8)
+    assert first.generation != second.generation
+    before = second.generation
+    second.reserve(8, 10 * WIDTH_STEP)
+    assert second.generation != before

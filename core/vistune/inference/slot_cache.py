@@ -19,11 +19,14 @@ Positions are a column plus a per-row offset: zero for ordinary models, the mode
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 #: Column granularity of the cache's capacity and of the attended width.
 WIDTH_STEP = 256
+#: Numbers every allocation of slot buffers, across batches: what a captured graph was recorded on.
+_allocations = itertools.count(1)
 
 
 def bucket_rows(rows: int) -> int:
@@ -116,7 +119,7 @@ class SlotBatch:
         self.lengths: list[int] = []
         self.offsets = torch.zeros(0, dtype=torch.long, device=self.device)
         self.cache: SlotCache | None = None
-        #: Bumped whenever the buffers are reallocated: captured graphs of an older generation are stale.
+        #: Changes whenever buffers are allocated (here or in another batch): graphs recorded on others are stale.
         self.generation = 0
         self.reserve(slots, 0)
 
@@ -156,7 +159,7 @@ class SlotBatch:
         offsets[: self.size].copy_(self.offsets[: self.size])
         self.cache, self.offsets = make_slot_cache(keys, values), offsets
         self.slots, self.capacity = slots, capacity
-        self.generation += 1
+        self.generation = next(_allocations)
 
     def absorb(self, cache: Any, attention_mask: Any, offsets: Any, needed: int) -> None:
         """Append the rows of a left-padded prefill (its ``DynamicCache``, mask and offsets).
