@@ -146,18 +146,19 @@ class SlotBatch:
         if slots == self.slots and capacity == self.capacity:
             return
         shape = (slots, self.kv_heads, capacity, self.head_dim)
-        keys, values = [], []
+        old = self.cache
+        buffers: dict[str, list[Any]] = {"keys": [], "values": []}
         for layer in range(self.num_layers):
-            for old, new in ((self.cache and self.cache.keys[layer], keys), (self.cache and self.cache.values[layer], values)):
+            for name, grown in buffers.items():
                 buffer = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if old is not None and self.size:
-                    buffer[: self.size, :, : self.capacity].copy_(old[: self.size])
-                new.append(buffer)
-            if self.cache is not None:  # free the old layer before the next one is allocated
-                self.cache.keys[layer] = self.cache.values[layer] = None
+                if old is not None:
+                    previous = getattr(old, name)
+                    buffer[: self.size, :, : self.capacity].copy_(previous[layer][: self.size])
+                    previous[layer] = None  # freed before the next layer is allocated
+                grown.append(buffer)
         offsets = torch.zeros(slots, dtype=torch.long, device=self.device)
         offsets[: self.size].copy_(self.offsets[: self.size])
-        self.cache, self.offsets = make_slot_cache(keys, values), offsets
+        self.cache, self.offsets = make_slot_cache(buffers["keys"], buffers["values"]), offsets
         self.slots, self.capacity = slots, capacity
         self.generation = next(_allocations)
 
