@@ -149,3 +149,16 @@ def test_every_allocation_is_a_new_generation():
     before = second.generation
     second.reserve(8, 10 * WIDTH_STEP)
     assert second.generation != before
+
+
+def test_model_calls_on_a_gpu_keep_cudnn_attention_off_only_while_they_run():
+    """cuDNN builds a graph per new attention shape (hundreds of ms): engine steps run without it."""
+    from vistune.inference.transformers_engine import attention_kernels
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels("cuda"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # training in the same process keeps its choice
+    with attention_kernels("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled()

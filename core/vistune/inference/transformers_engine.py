@@ -51,6 +51,24 @@ BATCH_WAIT_S = 0.004
 MAX_ENCODE_THREADS = 8
 
 
+def attention_kernels(device_type: str) -> Any:
+    """A context in which SDPA picks any kernel but cuDNN's, on a GPU (elsewhere: no change).
+
+    PyTorch prefers cuDNN's attention on H100/H200, and cuDNN builds an execution graph for
+    every new shape it sees: a few hundred milliseconds each (SGLang and FlashInfer report
+    260-400 ms).  A server's prefills come in ever new shapes (how many prompts, how long),
+    so every such step would pay it; the flash and memory-efficient kernels need no build.
+    The switch is process-wide while it lasts, so it wraps model calls only.
+    """
+    import contextlib
+
+    if device_type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def encode_threads() -> int:
     """Threads that encode prompts: the CPUs left after the model's and the server's threads, 2 to
     :data:`MAX_ENCODE_THREADS`.  Encoding a prompt with a 640x480 image takes 10-20 ms of CPU; with
@@ -459,7 +477,7 @@ class TransformersEngine:
         """One model call; ``rows`` give each batch row's adapter (peft mixed-adapter batches)."""
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        with self._model_lock:
+        with self._model_lock, attention_kernels(self.device.type):
             return self.model(**kwargs, **self._adapter_names(rows))
 
     def _adapter_names(self, rows: Sequence[Any], padding: int = 0) -> dict[str, Any]:
@@ -573,7 +591,7 @@ class TransformersEngine:
         batch = self._batch
         if isinstance(batch, SlotBatch):
             padding = batch.step_shape()[0] - batch.size
-            with self._model_lock:
+            with self._model_lock, attention_kernels(self.device.type):
                 logits = self._decoder.step(batch, [row.token_ids[-1] for row in self._rows],
                                             getattr(self.model, "active_adapter", None),
                                             **self._adapter_names(self._rows, padding))  # fmt: skip
