@@ -42,6 +42,17 @@ def reference_ids(engine: TransformersEngine, sample, max_new_tokens: int, model
     return out[0, len(inputs["input_ids"]) :].tolist()
 
 
+def greedy_without_cache(engine: TransformersEngine, prompt: str, tokens: int, model=None) -> list[int]:
+    """``tokens`` greedy tokens after ``prompt``, each from a full forward pass without a cache,
+    past end-of-sequence tokens: the reference for ``ignore_eos`` requests."""
+    model = model or engine.model
+    with torch.inference_mode():
+        ids = torch.tensor([engine.encoder.encode_prompt(chat(prompt))["input_ids"]])
+        for _ in range(tokens):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, -tokens:].tolist()
+
+
 def truncated_at_eos(ids: list[int], eos: set[int]) -> list[int]:
     for i, token in enumerate(ids):
         if token in eos:
@@ -104,11 +115,7 @@ def test_rows_joining_a_running_batch_match_generate(llama_engine):
     # The late requests finished first: they ran inside the long request's batch, not after it.
     assert order.index("long finished") == len(order) - 1
     # ignore_eos: the reference is plain greedy decoding that does not stop at end-of-sequence tokens
-    with torch.inference_mode():
-        ids = torch.tensor([llama_engine.encoder.encode_prompt(chat(PROMPTS[0]))["input_ids"]])
-        for _ in range(120):
-            ids = torch.cat([ids, llama_engine.model(ids).logits[:, -1:].argmax(-1)], dim=1)
-    assert tokens == ids[0, -120:].tolist()
+    assert tokens == greedy_without_cache(llama_engine, PROMPTS[0], 120)
     for prompt, result in zip(PROMPTS[1:], late_results):
         assert result.outputs[0].token_ids == truncated_at_eos(
             reference_ids(llama_engine, chat(prompt), 10), llama_engine.eos_ids
@@ -375,11 +382,7 @@ def test_sliding_window_models_batch_without_merging(llama_engine):
             return tokens, await later
 
         tokens, late = asyncio.run(scenario())
-        with torch.inference_mode():
-            ids = torch.tensor([engine.encoder.encode_prompt(chat(PROMPTS[1]))["input_ids"]])
-            for _ in range(30):  # greedy past the window, without a cache: the reference
-                ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
-        assert tokens == ids[0, -30:].tolist()
+        assert tokens == greedy_without_cache(engine, PROMPTS[1], 30, model=model)  # past the window
         assert late.outputs[0].token_ids == truncated_at_eos(
             reference_ids(engine, chat(PROMPTS[0]), 8, model=model), engine.eos_ids
         )

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from vistune.inference import GenerationRequest, SamplingParams, collect
 from vistune.inference.slot_cache import WIDTH_STEP, SlotBatch, bucket_rows, bucket_width, make_slot_cache
 
-from test_infer_engine import PROMPTS, chat, llama_engine  # noqa: F401  (fixture)
+from test_infer_engine import PROMPTS, chat, greedy_without_cache, llama_engine  # noqa: F401  (fixture)
 
 
 def test_buckets():
@@ -90,11 +90,7 @@ def test_engine_decodes_in_slots_and_grows_them_mid_generation(llama_engine):  #
     tokens, late, capacity = asyncio.run(scenario())
     assert llama_engine._batch.capacity > capacity
     for prompt, got in ((PROMPTS[0], tokens), (PROMPTS[1], late.outputs[0].token_ids)):
-        with torch.inference_mode():
-            ids = torch.tensor([llama_engine.encoder.encode_prompt(chat(prompt))["input_ids"]])
-            for _ in range(len(got)):
-                ids = torch.cat([ids, llama_engine.model(ids).logits[:, -1:].argmax(-1)], dim=1)
-        assert got == ids[0, -len(got) :].tolist()
+        assert got == greedy_without_cache(llama_engine, prompt, len(got))
 
 
 def test_rollout_engines_free_their_slots_between_calls(llama_engine):  # noqa: F811

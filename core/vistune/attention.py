@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vistune.models import text_config as text_config_of
+
 NAME = "vistune_varlen"
 
 
@@ -205,7 +207,7 @@ def use_packed_attention(model: Any) -> bool:
     config = getattr(model, "config", None)
     if config is None:
         return False
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = text_config_of(config)
     if getattr(text_config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
     register()

@@ -10,6 +10,7 @@ import difflib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -38,6 +39,11 @@ class LoadOptions:
     trust_remote_code: bool = False
     #: Training loads keep the vision tower in full precision and enable input grads.
     for_training: bool = False
+
+
+def text_config(config: Any) -> Any:
+    """The language model's part of a loaded model's ``config`` (a VLM's ``text_config``; a text model's own)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def hf_cache_dir() -> Path:

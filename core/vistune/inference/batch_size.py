@@ -121,10 +121,10 @@ def resolve(setting: int | str, model: Any, *, max_model_len: int, utilization: 
     parameters = list(model.parameters())
     device = parameters[0].device if parameters else torch.device("cpu")
     dtype = next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from vistune.models import text_config
+
     return auto_batch_size(
-        text_config, dtype_bytes=dtype.itemsize, max_model_len=max_model_len, memory=_cuda_memory(device),
+        text_config(model.config), dtype_bytes=dtype.itemsize, max_model_len=max_model_len, memory=_cuda_memory(device),
         utilization=utilization, prefill_tokens=prefill_tokens,
     )
 

@@ -42,6 +42,7 @@ from vistune.inference.kv_batch import RunningBatch, mergeable
 from vistune.inference.prompts import encode_prompt, template_encoder, tokenizer_of
 from vistune.inference.sampling import RowSampler, sample_next
 from vistune.inference.slot_cache import SlotBatch
+from vistune.models import text_config as text_config_of
 
 #: Token budget of one prefill: more waiting prompts are prefilled on the next turn.
 MAX_PREFILL_TOKENS = 16384
@@ -138,7 +139,7 @@ class _Collector:
 
 def _max_model_len(model: Any) -> int:
     config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = text_config_of(config)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(text_config, name, None) or getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -243,8 +244,7 @@ class TransformersEngine:
         self._rows: list[_Row] = []
         self._batch: RunningBatch | SlotBatch | None = None
         self._keep_cache = keep_cache
-        base_config = getattr(base, "config", None)
-        text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
+        text_config = text_config_of(getattr(base, "config", None))
         #: Slots need an attention kernel that takes a 4D mask, and full attention in every layer.
         self._slots_allowed = getattr(text_config, "_attn_implementation", "sdpa") in ("sdpa", "eager", None)
         quantized = bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None))
@@ -477,10 +477,8 @@ class TransformersEngine:
 
     def _forward(self, rows: Sequence[Any], **kwargs: Any) -> Any:
         """One model call; ``rows`` give each batch row's adapter (peft mixed-adapter batches)."""
-        if self._logits_to_keep:
-            kwargs["logits_to_keep"] = 1
         with self._model_lock, attention_kernels(self.device.type):
-            return self.model(**kwargs, **self._adapter_names(rows))
+            return self._call_model(**kwargs, **self._adapter_names(rows))
 
     def _adapter_names(self, rows: Sequence[Any], padding: int = 0) -> dict[str, Any]:
         """``{"adapter_names": [...]}`` when the rows do not all use the active adapter, else ``{}``."""
@@ -494,10 +492,14 @@ class TransformersEngine:
         return {"adapter_names": names + names[:1] * padding}
 
     def _slot_forward(self, *, cache: Any, **kwargs: Any) -> Any:
-        """A decode step's model call (the :class:`DecodeRunner` holds the inputs)."""
+        """A decode step's model call (the :class:`DecodeRunner` holds the inputs and the locks are held)."""
+        return self._call_model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True)
+
+    def _call_model(self, **kwargs: Any) -> Any:
+        """The model on ``kwargs``, computing logits for the last position only where it can."""
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        return self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True)
+        return self.model(**kwargs)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
