@@ -11,7 +11,9 @@ Nothing happens unless ``SFT_BENCH_TIMINGS`` names a folder.  Then, when
   its batch, the rest is forward, backward and optimizer;
 * counts the model's input tokens per step through a forward pre-hook on the trained
   model (``attention_mask`` ones, else every ``input_ids`` position);
-* records the first logged loss, the peak reserved GPU memory, and, with
+* records the first logged loss, the peak allocated and peak reserved GPU memory,
+  and, for vistune's RL trainer (``vistune rl``), the seconds of each step spent
+  generating the rollouts (its ``_sample``, between two synchronisations); with
   ``SFT_BENCH_PROFILE=FIRST-LAST``, a torch profiler table of those steps;
 * with ``SFT_BENCH_STOP_AFTER=N``, ends training after N steps, the way a Trainer
   ends at ``max_steps`` (each system is configured for a full-length run, so that
@@ -46,6 +48,7 @@ def _make_callback():
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.begins, self.ends, self.tokens = [], [], []
+            self.generation_s, self._generating = [], 0.0
             self.first_loss = None
             self._counted = None
             self._hook = None
@@ -68,6 +71,21 @@ def _make_callback():
                 return
             self._counted = n if self._counted is None else self._counted + n
 
+        def timed_generation(self, sample):
+            """``sample`` (an RL trainer's rollout generation) adding its wall time to the current step's."""
+
+            @functools.wraps(sample)
+            def timed(*args, **kwargs):
+                sync()
+                start = time.perf_counter()
+                try:
+                    return sample(*args, **kwargs)
+                finally:
+                    sync()
+                    self._generating += time.perf_counter() - start
+
+            return timed
+
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if model is not None:
                 self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
@@ -89,6 +107,8 @@ def _make_callback():
             self.ends.append(time.perf_counter())
             counted, self._counted = self._counted, None
             self.tokens.append(int(counted) if counted is not None else 0)
+            self.generation_s.append(self._generating)
+            self._generating = 0.0
             if self._profiler is not None and len(self.begins) == self.profile[1]:
                 self._profiler.__exit__(None, None, None)
                 averages = self._profiler.key_averages()
@@ -113,6 +133,7 @@ def _make_callback():
                 "step_begin_s": self.begins,
                 "step_end_s": self.ends,
                 "tokens": self.tokens,
+                "generation_s": self.generation_s,
                 "first_loss": self.first_loss,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
                 "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
@@ -132,7 +153,11 @@ def _instrument(module) -> None:
     @functools.wraps(original_init)  # keeps the signature, which some trainers inspect
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.add_callback(_make_callback()())
+        timer = _make_callback()()
+        self.add_callback(timer)
+        if callable(getattr(self, "_rollout", None)) and callable(getattr(self, "_sample", None)):
+            # vistune's RLTrainer: the generation of its rollouts, timed apart
+            self._sample = timer.timed_generation(self._sample)
 
     trainer_class.__init__ = __init__
 
