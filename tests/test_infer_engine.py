@@ -447,11 +447,11 @@ def test_stats_of_an_image_prompt_count_its_image_tokens(tiny_llava, plugin_mana
 
 
 def test_stats_do_not_count_a_first_token_for_a_failed_prefill(llama_engine, monkeypatch):
-    def broken(jobs):
+    def broken(prefill):
         raise RuntimeError("out of memory")
 
     before = llama_engine.stats()
-    monkeypatch.setattr(llama_engine, "_prefill", broken)
+    monkeypatch.setattr(llama_engine, "_prefill_call", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         llama_engine.generate([GenerationRequest(chat(PROMPTS[0]), SamplingParams(max_tokens=2))])
     delta = _delta(before, llama_engine.stats())

@@ -229,6 +229,10 @@ class RunConfig:
         True, "transformers backend on a GPU: replay each decode step as a CUDA graph (false: launch it eagerly)",
         type="bool", tasks=("serve", "infer"),
     )
+    prefill_chunk_tokens: int = option(
+        2048, "transformers backend: prompt tokens prefilled in one model call while other requests decode; a longer "
+        "prompt is prefilled in chunks, the running requests decoding a token between chunks", type="int", tasks=_GEN,
+    )
     allowed_local_media_path: str | None = option(
         None, "directory from which file:// images may be read (default: none)", type="path", tasks=("serve", "infer")
     )
@@ -561,7 +565,7 @@ def _check_ranges(loaded: LoadedConfig) -> None:
     positive = (
         "per_device_batch_size", "gradient_accumulation_steps", "max_length", "max_packed_length",
         "num_generations", "max_completion_length", "max_new_tokens", "gpu_num", "nnodes", "logging_steps",
-        "save_steps", "max_batch_size", "max_queue", "tensor_parallel_size",
+        "save_steps", "max_batch_size", "max_queue", "tensor_parallel_size", "prefill_chunk_tokens",
     )  # fmt: skip
     for name in positive:
         if getattr(config, name) != "auto" and getattr(config, name) < 1:

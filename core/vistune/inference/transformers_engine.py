@@ -4,7 +4,9 @@ One scheduler thread owns the model.  Each turn it first prefills the requests t
 arrived (all together, left-padded, so a new request's first token does not wait for
 the others to finish) and merges them into the running batch, then advances every
 running row by one token with the shared KV cache.  Rows leave the batch the moment
-they finish.  Callers never touch the model: they encode their prompt (in a small
+they finish.  While rows are running, a turn prefills at most ``prefill_chunk_tokens``
+prompt tokens, and a longer prompt is prefilled a chunk per turn
+(:mod:`vistune.inference.prefill_chunks`), so running rows never wait long for a token.  Callers never touch the model: they encode their prompt (in a small
 thread pool, off the event loop) and receive tokens through a per-request sink, which
 for :meth:`TransformersEngine.stream` is an ``asyncio.Queue`` of the caller's loop.
 """
@@ -39,13 +41,16 @@ from vistune.inference.engine import (
 from vistune.inference.cuda_graphs import DecodeRunner
 from vistune.inference.engine_stats import EngineStats
 from vistune.inference.kv_batch import RunningBatch, mergeable
+from vistune.inference.prefill_chunks import chunk_bounds, media_token_ids
 from vistune.inference.prompts import encode_prompt, template_encoder, tokenizer_of
 from vistune.inference.sampling import RowSampler, sample_next
 from vistune.inference.slot_cache import SlotBatch
 from vistune.models import text_config as text_config_of
 
-#: Token budget of one prefill: more waiting prompts are prefilled on the next turn.
+#: Token budget of one prefill when no rows are decoding: more waiting prompts are prefilled on the next turn.
 MAX_PREFILL_TOKENS = 16384
+#: Prompt tokens of one prefill call while rows are decoding (``prefill_chunk_tokens``'s default).
+PREFILL_CHUNK_TOKENS = 2048
 #: When the model is idle, how long the first arrival waits for companions to prefill with.
 BATCH_WAIT_S = 0.004
 #: Most threads encoding prompts (chat template, image preprocessing, tokenizing) beside the model.
@@ -107,6 +112,36 @@ class _Row:
         self.text = text
         self.sampler = sampler
         self.token_ids: list[int] = []
+
+
+class _Prefill:
+    """Prompts being prefilled: one model call for a batch of prompts, or, for one long prompt,
+    one chunk per scheduler turn until ``bounds`` (the chunks' ends) are all done."""
+
+    def __init__(self, jobs: list[_Job], rows: list[_Row], inputs: dict[str, Any], cache: Any, bounds: list[int],
+                 started: float):  # fmt: skip
+        self.jobs, self.rows, self.inputs, self.cache, self.bounds = jobs, rows, inputs, cache, bounds
+        self.done = 0  # prompt columns in the cache
+        self.started = started  # when its jobs left the queue
+        self.seconds = 0.0  # spent collating and in its model calls
+        self.ended = started  # when its last call so far returned
+
+    @property
+    def cancelled(self) -> bool:
+        return all(job.cancelled for job in self.jobs)
+
+    def next_call(self) -> dict[str, Any]:
+        """The model inputs of the next chunk (the whole prompt for an unchunked prefill)."""
+        end = self.bounds[0]
+        if self.done == 0 and len(self.bounds) == 1:
+            return self.inputs
+        call = {"attention_mask": self.inputs["attention_mask"][:, :end]}
+        for key, value in self.inputs.items():
+            if key in ("input_ids", "position_ids"):
+                call[key] = value[:, self.done : end]
+            elif key != "attention_mask" and self.done == 0:
+                call[key] = value  # media go with the first chunk (see prefill_chunks)
+        return call
 
 
 class _Collector:
@@ -188,7 +223,8 @@ class TransformersEngine:
                                    config)  # fmt: skip
         self._setup(model, processor, encoder, max_batch_size=batch_size.resolve(
             config.max_batch_size, model, max_model_len=_max_model_len(model),
-            utilization=config.gpu_memory_utilization, prefill_tokens=MAX_PREFILL_TOKENS), cuda_graphs=config.cuda_graphs)  # fmt: skip
+            utilization=config.gpu_memory_utilization, prefill_tokens=MAX_PREFILL_TOKENS), cuda_graphs=config.cuda_graphs,
+            prefill_chunk_tokens=config.prefill_chunk_tokens)  # fmt: skip
         if config.adapter_path:
             self.add_adapter("default", config.adapter_path)
             self._default_adapter = "default"
@@ -209,14 +245,15 @@ class TransformersEngine:
             engine runs the policy as it is and needs nothing from it.
         """
         engine = cls.__new__(cls)
-        engine._setup(model, processor, encoder, max_batch_size=max_batch_size, cuda_graphs=False, keep_cache=False)
+        engine._setup(model, processor, encoder, max_batch_size=max_batch_size, cuda_graphs=False, keep_cache=False,
+                      prefill_chunk_tokens=getattr(config, "prefill_chunk_tokens", PREFILL_CHUNK_TOKENS))  # fmt: skip
         return engine
 
     def _setup(self, model: Any, processor: Any, encoder: Any, *, max_batch_size: int, cuda_graphs: bool = True,
-               keep_cache: bool = True) -> None:  # fmt: skip
+               keep_cache: bool = True, prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> None:  # fmt: skip
         """``cuda_graphs``: replay decode steps as CUDA graphs where the model allows it;
         ``keep_cache``: keep the KV slots allocated while idle (a server), or free them (RL rollouts
-        between training steps)."""
+        between training steps); ``prefill_chunk_tokens``: see the module docstring."""
         import torch
 
         self.model = model
@@ -238,11 +275,15 @@ class TransformersEngine:
         self._rope_owner = next(
             (m for m in base.modules() if hasattr(m, "rope_deltas") and hasattr(m, "get_rope_index")), None
         )
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        #: Placeholder ids of the model's media, which chunk_bounds keeps in a prompt's first chunk.
+        self._media_tokens = media_token_ids(getattr(base, "config", None))
         self._lock = threading.Condition()
         self._model_lock = threading.Lock()
         self._waiting: deque[_Job] = deque()
         self._rows: list[_Row] = []
         self._batch: RunningBatch | SlotBatch | None = None
+        self._prefilling: _Prefill | None = None
         self._keep_cache = keep_cache
         text_config = text_config_of(getattr(base, "config", None))
         #: Slots need an attention kernel that takes a 4D mask, and full attention in every layer.
@@ -379,10 +420,10 @@ class TransformersEngine:
                     break
                 self._drop_cancelled()
                 if admitted:
+                    self._run_guarded(admitted, functools.partial(self._start_prefill, admitted))
+                if self._prefilling is not None:
                     with self._stats.step():  # stats() waits for the step's counters
-                        started = time.perf_counter()
-                        self._run_guarded(admitted, functools.partial(self._prefill, admitted))
-                        self._count_prefill(admitted, started)
+                        self._prefill_step()
                 if self._rows:
                     with self._stats.step():
                         rows, started = len(self._rows), time.perf_counter()
@@ -393,16 +434,19 @@ class TransformersEngine:
     def _next_admissions(self) -> list[_Job] | None:
         """Jobs to prefill this turn (possibly none); ``None`` when the engine is closed."""
         with self._lock:
-            while not self._closed and not self._waiting and not self._rows:
+            while not self._closed and not self._waiting and not self._rows and self._prefilling is None:
                 self._lock.wait()
             if self._closed:
                 return None
+            if self._prefilling is not None:
+                return []  # a long prompt's chunks come first
             if self._waiting and not self._rows:
                 # Idle model: give requests sent at the same moment a chance to share the prefill.
                 deadline = time.monotonic() + BATCH_WAIT_S
                 while len(self._waiting) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                     self._lock.wait(left)
             can_merge = self._batch is None or self._batch.mergeable
+            budget = self.prefill_chunk_tokens if self._rows else MAX_PREFILL_TOKENS
             admitted: list[_Job] = []
             rows, tokens = len(self._rows), 0
             while self._waiting and can_merge:
@@ -410,21 +454,25 @@ class TransformersEngine:
                 if job.cancelled:
                     self._waiting.popleft()
                     continue
-                fits = rows + job.n <= self.max_batch_size and tokens + job.prompt_tokens <= MAX_PREFILL_TOKENS
-                if not fits and (admitted or self._rows):
+                long = job.prompt_tokens > self.prefill_chunk_tokens  # prefilled alone, in chunks
+                if rows + job.n > self.max_batch_size and (admitted or self._rows):
+                    break
+                if admitted and (long or tokens + job.prompt_tokens > budget):
                     break
                 admitted.append(self._waiting.popleft())
                 rows, tokens = rows + job.n, tokens + job.prompt_tokens
+                if long:
+                    break
             return admitted
 
-    def _count_prefill(self, jobs: Sequence[_Job], started: float) -> None:
-        """Add a prefill that began at ``started`` to the stats: its jobs' wait in the queue,
-        its own time, and the time to first token of those it gave one (not failed or cancelled)."""
-        ended = time.perf_counter()
+    def _count_prefill(self, prefill: _Prefill) -> None:
+        """Add a finished (or abandoned) prefill to the stats: its jobs' wait in the queue, the time
+        of its model calls, and the time to first token of those it gave one (not failed or cancelled)."""
+        ended, jobs = prefill.ended, prefill.jobs
         served = [job for job in jobs if not job.cancelled]
-        self._stats.add(admissions=len(jobs), queue_wait_seconds=sum(started - job.submitted_at for job in jobs),
+        self._stats.add(admissions=len(jobs), queue_wait_seconds=sum(prefill.started - job.submitted_at for job in jobs),
                         prefills=1, prefill_rows=len(jobs), prefill_tokens=sum(job.prompt_tokens for job in jobs),
-                        prefill_seconds=ended - started, first_tokens=len(served),
+                        prefill_seconds=prefill.seconds, first_tokens=len(served),
                         first_token_seconds=sum(ended - job.submitted_at for job in served))  # fmt: skip
 
     def _run_guarded(self, jobs: Sequence[_Job], step: Callable[[], None]) -> None:
@@ -449,6 +497,9 @@ class TransformersEngine:
         with self._lock:
             jobs = list(self._waiting) + [row.job for row in self._rows]
             self._waiting.clear()
+        if self._prefilling is not None:
+            jobs += self._prefilling.jobs
+            self._prefilling = None
         self._rows = []
         self._release_batch()
         for job in {id(j): j for j in jobs}.values():
@@ -538,9 +589,9 @@ class TransformersEngine:
             batch[key] = value
         return batch
 
-    def _prefill(self, jobs: list[_Job]) -> None:
-        import torch
-
+    def _start_prefill(self, jobs: list[_Job]) -> None:
+        """Collate ``jobs`` into the prefill the next turns run (see :class:`_Prefill`)."""
+        started = time.perf_counter()
         rows: list[_Row] = []
         for job in jobs:
             sampling = job.request.sampling
@@ -558,14 +609,46 @@ class TransformersEngine:
             self._rope_owner.rope_deltas = None  # the model computes 3D positions and stores the deltas
         else:
             inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = self._new_cache()
-        per_job_rows = [row for row in rows if row.index == 0]
-        output = self._forward(per_job_rows, **inputs, **{self._cache_kwarg: cache}, use_cache=True)
-        logits = output.logits[:, -1, :]
+        bounds = None
+        if len(jobs) == 1 and self._rope_owner is None:  # 3D positions are computed over the whole prompt
+            bounds = chunk_bounds(jobs[0].inputs, self.prefill_chunk_tokens, self._media_tokens)
+        self._prefilling = _Prefill(jobs, rows, inputs, self._new_cache(), bounds or [mask.shape[1]], started)
+
+    def _prefill_step(self) -> None:
+        """Run the next call of the prefill in progress; after its last, the rows join the batch."""
+        prefill = self._prefilling
+        if prefill.cancelled:
+            self._prefilling = None
+            self._count_prefill(prefill)
+            return
+        started = prefill.started if prefill.done == 0 else time.perf_counter()
+        try:
+            self._run_guarded(prefill.jobs, functools.partial(self._prefill_call, prefill))
+        finally:
+            prefill.ended = time.perf_counter()
+            prefill.seconds += prefill.ended - started
+        if prefill.cancelled or not prefill.bounds:
+            self._prefilling = None
+            self._count_prefill(prefill)
+
+    def _prefill_call(self, prefill: _Prefill) -> None:
+        per_job_rows = [row for row in prefill.rows if row.index == 0]
+        call = prefill.next_call()
+        output = self._forward(per_job_rows, **call, **{self._cache_kwarg: prefill.cache}, use_cache=True)
+        prefill.done = prefill.bounds.pop(0)
+        if not prefill.bounds:
+            self._join(prefill, output.logits[:, -1, :])
+
+    def _join(self, prefill: _Prefill, logits: Any) -> None:
+        """Sample the prefilled rows' first tokens and add those still going to the running batch."""
+        import torch
+
+        jobs, rows, mask = prefill.jobs, prefill.rows, prefill.inputs["attention_mask"]
+        padding = mask.shape[1] - mask.sum(dim=1)
         offsets = -padding
-        if multimodal_positions:
+        if "position_ids" not in prefill.inputs:  # the model computed 3D positions and stored their deltas
             offsets = offsets + self._rope_owner.rope_deltas.reshape(-1).to(offsets.device)
-        batch = RunningBatch(cache, mask, offsets)
+        batch = RunningBatch(prefill.cache, mask, offsets)
         expand = [j for j, job in enumerate(jobs) for _ in range(job.n)]
         if len(expand) != len(jobs):
             batch.cache.batch_select_indices(torch.tensor(expand, device=mask.device))
