@@ -195,33 +195,57 @@ class RLTrainer(VistuneTrainer):
             self._buffer[slot] = self._rollout(list(inputs))
         groups = self._buffer[slot]
 
-        policy = policy_inputs(groups, self.pad_id, self.accelerator.unwrap_model(model))
-        mask = policy["completion_mask"]
-        with self.compute_loss_context_manager():
-            logps = completion_logps(model, policy, self.temperature)
-        old = self._stack(groups, "old_logps", mask) if self.num_iterations > 1 else None
-        ref = self._stack(groups, "ref_logps", mask) if self.algorithm.needs_reference_model() else None
-        advantages = torch.cat([group.advantages for group in groups]).to(logps.device, logps.dtype)
-        # the micro-batch is the batch its loss is normalised over (the later ones of this step are not sampled
-        # yet); dividing by the accumulation steps averages the micro-batches' losses
-        batch = PolicyBatch(
-            logps=logps,
-            old_logps=logps.detach() if old is None else old,
-            ref_logps=ref,
-            mask=mask,
-            advantages=advantages,
-            num_sequences=int(mask.shape[0]),
-            num_tokens=int(mask.sum().item()),
-            max_completion_length=self.max_completion_length,
-        )
-        out = self.algorithm.loss(batch)
-        for key, value in out.metrics.items():
-            self._metrics[key].append(float(value))
-        if "kl" not in out.metrics and ref is not None:  # a KL in the reward (RLOO), or none: logged all the same
-            self._metrics["kl"].append(masked_average(k3_kl(logps.detach(), ref), mask))
-        loss = out.loss / self.current_gradient_accumulation_steps
-        self.accelerator.backward(loss)
-        return loss.detach()
+        unwrapped = self.accelerator.unwrap_model(model)
+        passes = self._loss_passes(unwrapped, groups)
+        inputs_per_pass = [policy_inputs(part, self.pad_id, unwrapped) for part in passes]
+        masks = [inputs["completion_mask"] for inputs in inputs_per_pass]
+        # every pass is normalised over the whole micro-batch (see PolicyBatch), so the passes' losses
+        # and gradients add up to one pass's; dividing by the accumulation steps averages the micro-batches'
+        num_sequences = sum(int(mask.shape[0]) for mask in masks)
+        num_tokens = int(sum(mask.sum().item() for mask in masks))
+        total = None
+        metrics: dict[str, float] = defaultdict(float)
+        for part, policy, mask in zip(passes, inputs_per_pass, masks):
+            with self.compute_loss_context_manager():
+                logps = completion_logps(model, policy, self.temperature)
+            old = self._stack(part, "old_logps", mask) if self.num_iterations > 1 else None
+            ref = self._stack(part, "ref_logps", mask) if self.algorithm.needs_reference_model() else None
+            advantages = torch.cat([group.advantages for group in part]).to(logps.device, logps.dtype)
+            batch = PolicyBatch(
+                logps=logps,
+                old_logps=logps.detach() if old is None else old,
+                ref_logps=ref,
+                mask=mask,
+                advantages=advantages,
+                num_sequences=num_sequences,
+                num_tokens=num_tokens,
+                max_completion_length=self.max_completion_length,
+            )
+            out = self.algorithm.loss(batch)
+            found = dict(out.metrics)
+            if "kl" not in found and ref is not None:  # a KL in the reward (RLOO), or none: logged all the same
+                found["kl"] = masked_average(k3_kl(logps.detach(), ref), mask)
+            share = 1.0 if len(passes) == 1 else float(mask.sum()) / max(num_tokens, 1)  # token-weighted means
+            for key, value in found.items():
+                metrics[key] += float(value) * share
+            loss = out.loss / self.current_gradient_accumulation_steps
+            self.accelerator.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+        for key, value in metrics.items():
+            self._metrics[key].append(value)
+        return total
+
+    def _loss_passes(self, model: Any, groups: list[Group]) -> list[list[Group]]:
+        """``groups`` split into the forward and backward passes that fit the GPU (see
+        :mod:`vistune.rl.loss_passes`); one pass on a CPU or when they all fit."""
+        from vistune.models import text_config
+        from vistune.rl.loss_passes import free_gpu_bytes, groups_per_pass
+
+        checkpointing = bool(self.args.gradient_checkpointing or getattr(model, "is_activation_checkpointing", False))
+        device = next(model.parameters()).device
+        size = groups_per_pass(groups, text_config=text_config(getattr(model, "config", None)),
+                               checkpointing=checkpointing, free_bytes=free_gpu_bytes(device))  # fmt: skip
+        return [groups[i : i + size] for i in range(0, len(groups), size)]
 
     # -- rollouts --------------------------------------------------------------------
 
