@@ -40,8 +40,15 @@ class DecodeRunner:
 
     def reset(self) -> None:
         """Forget captured graphs (the model's modules or weights were replaced)."""
-        self._graphs.clear()
+        self._forget()
         self._generation = -1
+
+    def _forget(self) -> None:
+        """Drop the captured graphs and their memory pool.  Once its last graph is gone, PyTorch
+        releases a pool, and capturing into its old handle again fails an allocator assertion
+        (``use_count > 0``): the next capture takes a new pool."""
+        self._graphs.clear()
+        self._pool = None
 
     def step(self, batch: SlotBatch, tokens: Sequence[int], graph_key: Any = None, **extra: Any) -> Any:
         """Feed each row's last token; return the next-token logits ``(rows, vocab)``.
@@ -53,7 +60,7 @@ class DecodeRunner:
         import torch
 
         if batch.generation != self._generation:
-            self._graphs.clear()
+            self._forget()
             self._generation = batch.generation
             self._ids = torch.full((batch.slots,), self.pad_id, dtype=torch.long, device=batch.device)
             self._columns = torch.zeros(batch.slots, dtype=torch.long, device=batch.device)
@@ -117,7 +124,7 @@ class DecodeRunner:
         except Exception as exc:  # noqa: BLE001 - an uncapturable model still decodes, eagerly
             log.warning("decoding without CUDA graphs: capturing a step failed (%s)", exc)
             self.use_graphs = False
-            self._graphs.clear()
+            self._forget()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             return None
