@@ -230,7 +230,7 @@ class RunConfig:
         type="bool", tasks=("serve", "infer"),
     )
     prefill_chunk_tokens: int = option(
-        2048, "transformers backend: prompt tokens prefilled in one model call while other requests decode; a longer "
+        8192, "transformers backend: prompt tokens prefilled in one model call while other requests decode; a longer "
         "prompt is prefilled in chunks, the running requests decoding a token between chunks", type="int", tasks=_GEN,
     )
     allowed_local_media_path: str | None = option(

@@ -49,8 +49,11 @@ from vistune.models import text_config as text_config_of
 
 #: Token budget of one prefill when no rows are decoding: more waiting prompts are prefilled on the next turn.
 MAX_PREFILL_TOKENS = 16384
-#: Prompt tokens of one prefill call while rows are decoding (``prefill_chunk_tokens``'s default).
-PREFILL_CHUNK_TOKENS = 2048
+#: Prompt tokens of one prefill call while rows are decoding (``prefill_chunk_tokens``'s default).  Smaller
+#: chunks favour the time to first token, larger ones throughput: serving 586-token image prompts to 32
+#: clients on one H200 (Llava-1.5-7B), 2048 gave 13.5 req/s with TTFT p50 0.22 s, 8192 15.8 req/s with
+#: 0.53 s and fewer long stalls (inter-token p95 27 ms against 120 ms; bench/results/serve_h200.json).
+PREFILL_CHUNK_TOKENS = 8192
 #: When the model is idle, how long the first arrival waits for companions to prefill with.
 BATCH_WAIT_S = 0.004
 #: Most threads encoding prompts (chat template, image preprocessing, tokenizing) beside the model.
