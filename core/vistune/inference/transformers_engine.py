@@ -6,9 +6,10 @@ the others to finish) and merges them into the running batch, then advances ever
 running row by one token with the shared KV cache.  Rows leave the batch the moment
 they finish.  While rows are running, a turn prefills at most ``prefill_chunk_tokens``
 prompt tokens, and a longer prompt is prefilled a chunk per turn
-(:mod:`vistune.inference.prefill_chunks`), so running rows never wait long for a token.  Callers never touch the model: they encode their prompt (in a small
-thread pool, off the event loop) and receive tokens through a per-request sink, which
-for :meth:`TransformersEngine.stream` is an ``asyncio.Queue`` of the caller's loop.
+(:mod:`vistune.inference.prefill_chunks`), so running rows never wait long for a token.
+Callers never touch the model: they encode their prompt (in a small thread pool, off
+the event loop) and receive tokens through a per-request sink, which for
+:meth:`TransformersEngine.stream` is an ``asyncio.Queue`` of the caller's loop.
 """
 
 from __future__ import annotations
