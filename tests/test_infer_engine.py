@@ -457,3 +457,30 @@ def test_stats_do_not_count_a_first_token_for_a_failed_prefill(llama_engine, mon
     delta = _delta(before, llama_engine.stats())
     assert delta["prefills"] == delta["admissions"] == 1 and delta["first_tokens"] == 0
     assert delta["first_token_seconds"] == 0
+
+
+def test_an_idle_engine_prefills_prompts_encoded_together_in_one_call(llama_engine, monkeypatch):
+    """Streams sent together while the model is idle share one prefill, even when one prompt
+    takes longer to encode than the other (the first waits for prompts still being encoded)."""
+    import time
+
+    prepare = llama_engine._prepare
+
+    def slower_second(request):
+        if request.prompt.messages[0]["content"] == PROMPTS[1]:
+            time.sleep(0.015)
+        return prepare(request)
+
+    monkeypatch.setattr(llama_engine, "_prepare", slower_second)
+    before = llama_engine.stats()
+
+    async def together():
+        requests = [GenerationRequest(chat(p), SamplingParams(max_tokens=3)) for p in PROMPTS[:2]]
+        return await asyncio.gather(*(collect(llama_engine.stream(r)) for r in requests))
+
+    results = asyncio.run(together())
+    delta = _delta(before, llama_engine.stats())
+    assert delta["prefills"] == 1 and delta["prefill_rows"] == 2
+    assert [r.outputs[0].token_ids for r in results] == [
+        truncated_at_eos(reference_ids(llama_engine, chat(p), 3), llama_engine.eos_ids) for p in PROMPTS[:2]
+    ]

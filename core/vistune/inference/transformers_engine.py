@@ -55,8 +55,9 @@ MAX_PREFILL_TOKENS = 16384
 #: clients on one H200 (Llava-1.5-7B), 2048 gave 13.5 req/s with TTFT p50 0.22 s, 8192 15.8 req/s with
 #: 0.53 s and fewer long stalls (inter-token p95 27 ms against 120 ms; bench/results/serve_h200.json).
 PREFILL_CHUNK_TOKENS = 8192
-#: When the model is idle, how long the first arrival waits for companions to prefill with.
-BATCH_WAIT_S = 0.004
+#: When the model is idle, the longest the first arrival waits for prompts being encoded at that moment,
+#: to prefill them together (encoding a prompt with a 640x480 image took 13-22 ms on the H200's host).
+BATCH_WAIT_S = 0.03
 #: Most threads encoding prompts (chat template, image preprocessing, tokenizing) beside the model.
 MAX_ENCODE_THREADS = 8
 
@@ -286,6 +287,7 @@ class TransformersEngine:
         self._model_lock = threading.Lock()
         self._waiting: deque[_Job] = deque()
         self._rows: list[_Row] = []
+        self._encoding = 0  # streamed prompts being encoded, which an idle scheduler waits a moment for
         self._batch: RunningBatch | SlotBatch | None = None
         self._prefilling: _Prefill | None = None
         self._keep_cache = keep_cache
@@ -320,10 +322,13 @@ class TransformersEngine:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         """Yield text as it is generated (see :class:`Engine`)."""
         loop = asyncio.get_running_loop()
+        with self._lock:
+            self._encoding += 1
         try:
             inputs = await loop.run_in_executor(self._encode_pool, self._prepare_queued, request, time.perf_counter())
-        except RuntimeError as exc:  # the encoding pool was shut down by close()
-            if self._closed:
+        except BaseException as exc:
+            self._encoded()
+            if isinstance(exc, RuntimeError) and self._closed:  # the encoding pool was shut down by close()
                 raise EngineClosedError("the engine is closed") from exc
             raise
         queue: asyncio.Queue = asyncio.Queue()
@@ -335,7 +340,7 @@ class TransformersEngine:
                 job.cancelled = True
 
         job = _Job(request, inputs, sink)
-        self._submit([job])
+        self._submit([job], encoded=True)
         unfinished = request.sampling.n
         try:
             while unfinished:
@@ -401,8 +406,16 @@ class TransformersEngine:
         self._stats.add(encode_seconds=time.perf_counter() - started)
         return inputs
 
-    def _submit(self, jobs: Sequence[_Job]) -> None:
+    def _encoded(self) -> None:
         with self._lock:
+            self._encoding -= 1
+            self._lock.notify_all()
+
+    def _submit(self, jobs: Sequence[_Job], *, encoded: bool = False) -> None:
+        """Queue ``jobs``; ``encoded``: they are the streamed prompts whose encoding just ended."""
+        with self._lock:
+            if encoded:  # in the same locked step as queueing: the scheduler never sees the job in neither
+                self._encoding -= len(jobs)
             if self._closed:
                 raise EngineClosedError("the engine is closed")
             now = time.perf_counter()
@@ -445,9 +458,10 @@ class TransformersEngine:
             if self._prefilling is not None:
                 return []  # a long prompt's chunks come first
             if self._waiting and not self._rows:
-                # Idle model: give requests sent at the same moment a chance to share the prefill.
+                # Idle model: prompts being encoded now (sent at about the same moment) share the prefill.
                 deadline = time.monotonic() + BATCH_WAIT_S
-                while len(self._waiting) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                while (self._encoding and len(self._waiting) < self.max_batch_size
+                       and (left := deadline - time.monotonic()) > 0):  # fmt: skip
                     self._lock.wait(left)
             can_merge = self._batch is None or self._batch.mergeable
             budget = self.prefill_chunk_tokens if self._rows else MAX_PREFILL_TOKENS
