@@ -181,9 +181,8 @@ class RLTrainer(VistuneTrainer):
     # -- the step ----------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One micro-batch: new rollouts (or the stored ones, on a repeat step), then the algorithm's loss."""
-        import torch
-
+        """One micro-batch: new rollouts (or the stored ones, on a repeat step), then the algorithm's loss
+        in as many forward and backward passes as the memory holds (see :mod:`vistune.rl.loss_passes`)."""
         model.train()  # log-probabilities in the mode the loss is computed in, as TRL does
         # micro-batches come in cycles of accumulation x mu: the first optimizer step's micro-batches sample new
         # rollouts, the repeats of the same prompts reuse them (a resumed run has none stored, so it samples)
@@ -205,35 +204,46 @@ class RLTrainer(VistuneTrainer):
         num_tokens = int(sum(mask.sum().item() for mask in masks))
         total = None
         metrics: dict[str, float] = defaultdict(float)
-        for part, policy, mask in zip(passes, inputs_per_pass, masks):
-            with self.compute_loss_context_manager():
-                logps = completion_logps(model, policy, self.temperature)
-            old = self._stack(part, "old_logps", mask) if self.num_iterations > 1 else None
-            ref = self._stack(part, "ref_logps", mask) if self.algorithm.needs_reference_model() else None
-            advantages = torch.cat([group.advantages for group in part]).to(logps.device, logps.dtype)
-            batch = PolicyBatch(
-                logps=logps,
-                old_logps=logps.detach() if old is None else old,
-                ref_logps=ref,
-                mask=mask,
-                advantages=advantages,
-                num_sequences=num_sequences,
-                num_tokens=num_tokens,
-                max_completion_length=self.max_completion_length,
-            )
-            out = self.algorithm.loss(batch)
-            found = dict(out.metrics)
-            if "kl" not in found and ref is not None:  # a KL in the reward (RLOO), or none: logged all the same
-                found["kl"] = masked_average(k3_kl(logps.detach(), ref), mask)
-            share = 1.0 if len(passes) == 1 else float(mask.sum()) / max(num_tokens, 1)  # token-weighted means
-            for key, value in found.items():
-                metrics[key] += float(value) * share
-            loss = out.loss / self.current_gradient_accumulation_steps
-            self.accelerator.backward(loss)
+        for i, (part, policy, mask) in enumerate(zip(passes, inputs_per_pass, masks)):
+            # gradients are synchronised across processes once, in the last pass: processes may make
+            # different numbers of passes (each sizes them from its own free memory)
+            with nullcontext() if i == len(passes) - 1 else self.accelerator.no_sync(model):
+                loss = self._pass_loss(model, part, policy, mask, num_sequences, num_tokens, metrics,
+                                       share=1.0 if len(passes) == 1 else float(mask.sum()) / max(num_tokens, 1))  # fmt: skip
+                self.accelerator.backward(loss)
             total = loss.detach() if total is None else total + loss.detach()
         for key, value in metrics.items():
             self._metrics[key].append(value)
         return total
+
+    def _pass_loss(self, model: Any, part: list[Group], policy: dict[str, Any], mask: Any, num_sequences: int,
+                   num_tokens: int, metrics: dict[str, float], share: float) -> Any:  # fmt: skip
+        """The algorithm's loss of one pass, normalised over the micro-batch's ``num_sequences`` and
+        ``num_tokens``; adds its metrics, weighted by ``share`` (its part of the tokens), to ``metrics``."""
+        import torch
+
+        with self.compute_loss_context_manager():
+            logps = completion_logps(model, policy, self.temperature)
+        old = self._stack(part, "old_logps", mask) if self.num_iterations > 1 else None
+        ref = self._stack(part, "ref_logps", mask) if self.algorithm.needs_reference_model() else None
+        advantages = torch.cat([group.advantages for group in part]).to(logps.device, logps.dtype)
+        batch = PolicyBatch(
+            logps=logps,
+            old_logps=logps.detach() if old is None else old,
+            ref_logps=ref,
+            mask=mask,
+            advantages=advantages,
+            num_sequences=num_sequences,
+            num_tokens=num_tokens,
+            max_completion_length=self.max_completion_length,
+        )
+        out = self.algorithm.loss(batch)
+        found = dict(out.metrics)
+        if "kl" not in found and ref is not None:  # a KL in the reward (RLOO), or none: logged all the same
+            found["kl"] = masked_average(k3_kl(logps.detach(), ref), mask)
+        for key, value in found.items():
+            metrics[key] += float(value) * share
+        return out.loss / self.current_gradient_accumulation_steps
 
     def _loss_passes(self, model: Any, groups: list[Group]) -> list[list[Group]]:
         """``groups`` split into the forward and backward passes that fit the GPU (see
