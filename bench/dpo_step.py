@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from sft_product import build_checkpoint, environment, execute, machine, text_of, write_image  # noqa: E402
+from sft_product import build_checkpoint, environment, execute, machine, rl_command, text_of, write_image_records  # noqa: E402
 
 SYSTEMS = ("vistune", "trl")
 SETTINGS = {
@@ -55,51 +54,27 @@ SETTINGS = {
 
 def write_pairs(path: Path, model_dir: Path, count: int, answer_tokens: int, *, smoke: bool, repeat: int = 1) -> Path:
     """A JSONL of TRL preference records (``prompt``, ``chosen``, ``rejected``, ``images``) with JPEGs beside it."""
-    if path.is_file():
-        return path
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rng = random.Random(0)
-    images = path.parent / f"{path.stem}-images"
-    images.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(count):
-        name = f"{i:05d}.jpg"
-        write_image(images / name, rng, (64, 48) if smoke else (640, 480))
+    def record(rng, tokenizer, image: str) -> dict:
         question = text_of(rng, tokenizer, 8 if smoke else 40)
-        lines.append(json.dumps({
+        return {
             "prompt": [{"role": "user", "content": "<image>\n" + question}],
             "chosen": [{"role": "assistant", "content": text_of(rng, tokenizer, answer_tokens)}],
             "rejected": [{"role": "assistant", "content": text_of(rng, tokenizer, answer_tokens)}],
-            "images": [str(images.resolve() / name)],
-        }))  # fmt: skip
-    path.write_text("\n".join(lines * repeat) + "\n")
-    return path
+            "images": [image],
+        }
+
+    return write_image_records(path, model_dir, count, record, smoke=smoke, repeat=repeat)
 
 
 def vistune_command(args, run: Path, setting: dict, data: Path) -> list[str]:
-    targets = "[all-linear]" if setting["targets"] == "all-linear" else "[q_proj, v_proj]"
-    lines = [
-        f"model: {args.work / 'model'}",
-        f"dataset: {data}",
-        f"output_dir: {run / 'out'}",
+    return rl_command(args, run, setting, data, [
         "algorithm: dpo",
         "beta: 0.1",
         f"algorithm_options: {{precompute_ref_log_probs: {str(setting['precompute']).lower()}}}",
         f"per_device_batch_size: {setting['batch']}",
         f"max_length: {args.max_length}",
-        f"lora_target_modules: {targets}",
-        f"gradient_checkpointing: {str(setting['checkpointing']).lower()}",
-        "num_train_epochs: 1",
-        "logging_steps: 1",
-        "save_steps: 100000",
-    ]
-    if args.smoke:
-        lines += ["device: cpu", "dtype: float32"]
-    config = run / "run.yaml"
-    config.write_text("\n".join(lines) + "\n")
-    return [sys.executable, "-m", "vistune", "rl", "--config", str(config)]
+    ])  # fmt: skip
 
 
 def trl_command(args, run: Path, setting: dict, data: Path) -> list[str]:

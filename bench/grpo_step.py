@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import sys
@@ -55,7 +54,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from sft_product import build_checkpoint, environment, execute, machine, text_of, write_image  # noqa: E402
+from sft_product import build_checkpoint, environment, execute, machine, rl_command, text_of, write_image_records  # noqa: E402
 
 SETTINGS = {
     "A": {"targets": "qv", "checkpointing": True},
@@ -69,50 +68,26 @@ SMOKE_SHAPE = {"prompts": 2, "generations": 2, "new_tokens": 4}
 def write_prompts(path: Path, model_dir: Path, count: int, question_tokens: int, answer_tokens: int, *,
                   smoke: bool, repeat: int = 1) -> Path:  # fmt: skip
     """A JSONL of RL prompts: the user's question with one JPEG, and the ``answer`` bleu scores against."""
-    if path.is_file():
-        return path
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rng = random.Random(0)
-    images = path.parent / f"{path.stem}-images"
-    images.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(count):
-        name = f"{i:05d}.jpg"
-        write_image(images / name, rng, (64, 48) if smoke else (640, 480))
-        lines.append(json.dumps({
+    def record(rng, tokenizer, image: str) -> dict:
+        return {
             "messages": [{"role": "user", "content": "<image>\n" + text_of(rng, tokenizer, question_tokens)}],
             "answer": text_of(rng, tokenizer, answer_tokens),
-            "images": [str(images.resolve() / name)],
-        }))  # fmt: skip
-    path.write_text("\n".join(lines * repeat) + "\n")
-    return path
+            "images": [image],
+        }
+
+    return write_image_records(path, model_dir, count, record, smoke=smoke, repeat=repeat)
 
 
 def vistune_command(args, run: Path, setting: dict, data: Path) -> list[str]:
-    targets = "[all-linear]" if setting["targets"] == "all-linear" else "[q_proj, v_proj]"
-    lines = [
-        f"model: {args.work / 'model'}",
-        f"dataset: {data}",
-        f"output_dir: {run / 'out'}",
+    return rl_command(args, run, setting, data, [
         "algorithm: grpo",
         "rewards: [bleu]",
         f"per_device_batch_size: {args.shape['prompts']}",
         f"num_generations: {args.shape['generations']}",
         f"max_completion_length: {args.shape['new_tokens']}",
-        f"lora_target_modules: {targets}",
-        f"gradient_checkpointing: {str(setting['checkpointing']).lower()}",
-        "num_train_epochs: 1",
-        "logging_steps: 1",
-        "save_steps: 100000",
         "report_to: [jsonl]",
-    ]
-    if args.smoke:
-        lines += ["device: cpu", "dtype: float32"]
-    config = run / "run.yaml"
-    config.write_text("\n".join(lines) + "\n")
-    return [sys.executable, "-m", "vistune", "rl", "--config", str(config)]
+    ])  # fmt: skip
 
 
 def generation_and_memory(timings: Path, warmup: int, timed_steps: int) -> dict:

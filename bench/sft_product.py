@@ -142,6 +142,42 @@ def text_of(rng: random.Random, tokenizer, tokens: int) -> str:
     return " ".join(words)
 
 
+def write_image_records(path: Path, model_dir: Path, count: int, record, *, smoke: bool, repeat: int = 1) -> Path:
+    """A JSONL of ``count`` records (``repeat`` times over), each with one JPEG beside the file; kept if it exists.
+
+    ``record(rng, tokenizer, image)`` makes a record around ``image``, the JPEG's absolute path.
+    """
+    if path.is_file():
+        return path
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(0)
+    images = path.parent / f"{path.stem}-images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        image = images.resolve() / f"{i:05d}.jpg"
+        write_image(image, rng, (64, 48) if smoke else (640, 480))
+        lines.append(json.dumps(record(rng, tokenizer, str(image))))
+    path.write_text("\n".join(lines * repeat) + "\n")
+    return path
+
+
+def rl_command(args, run: Path, setting: dict, data: Path, lines: list[str]) -> list[str]:
+    """``vistune rl --config`` on the benchmark's checkpoint and ``data`` with LoRA on ``setting``'s targets;
+    ``lines`` are the run's own config keys."""
+    targets = "[all-linear]" if setting["targets"] == "all-linear" else "[q_proj, v_proj]"
+    lines = [f"model: {args.work / 'model'}", f"dataset: {data}", f"output_dir: {run / 'out'}", *lines,
+             f"lora_target_modules: {targets}", f"gradient_checkpointing: {str(setting['checkpointing']).lower()}",
+             "num_train_epochs: 1", "logging_steps: 1", "save_steps: 100000"]  # fmt: skip
+    if args.smoke:
+        lines += ["device: cpu", "dtype: float32"]
+    config = run / "run.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    return [sys.executable, "-m", "vistune", "rl", "--config", str(config)]
+
+
 def write_dataset(path: Path, model_dir: Path, kind: str, count: int, *, smoke: bool, repeat: int = 1,
                   seed: int = 0) -> Path:  # fmt: skip
     """A JSONL of ``{messages, images}`` records with JPEGs beside it.

@@ -67,6 +67,15 @@ def record_calls(engine) -> list[tuple[str, int]]:
     return calls
 
 
+def generate_recorded(engine, sample, tokens: int):
+    """``engine``'s greedy result for ``sample`` alone and its model calls; the engine is closed after."""
+    calls = record_calls(engine)
+    try:
+        return engine.generate([GenerationRequest(sample, SamplingParams(max_tokens=tokens))])[0], calls
+    finally:
+        engine.close()
+
+
 def test_running_rows_decode_between_the_chunks_of_a_long_prompt(tiny_llama, plugin_manager):
     engine = engine_for("causal-lm", plugin_manager, tiny_llama, prefill_chunk_tokens=6)
     long_prompt = PROMPTS[1]
@@ -105,11 +114,7 @@ def test_an_image_prompt_is_chunked_after_its_image_and_matches_generate(tiny_ll
                   [_images()[1]])  # fmt: skip
     ids = engine.encoder.encode_prompt(sample)["input_ids"]
     last_placeholder = max(i for i, t in enumerate(ids) if t in engine._media_tokens)
-    calls = record_calls(engine)
-    try:
-        result = engine.generate([GenerationRequest(sample, SamplingParams(max_tokens=12))])[0]
-    finally:
-        engine.close()
+    result, calls = generate_recorded(engine, sample, 12)
     assert result.outputs[0].token_ids == truncated_at_eos(reference_ids(engine, sample, 12), engine.eos_ids)
     ends = [end for kind, end in calls if kind == "prefill"]
     assert ends[0] == max(4, last_placeholder + 1) and ends[-1] == len(ids) and len(ends) > 2
@@ -119,10 +124,6 @@ def test_models_with_3d_positions_prefill_in_one_call(tiny_qwen2_vl, plugin_mana
     """Qwen2-VL computes its rotary positions over the whole prompt: no chunks, still exact."""
     engine = engine_for("qwen2-vl", plugin_manager, tiny_qwen2_vl, prefill_chunk_tokens=4)
     sample = chat("<image>\nDescribe the image.", [_images()[0]])
-    calls = record_calls(engine)
-    try:
-        result = engine.generate([GenerationRequest(sample, SamplingParams(max_tokens=8))])[0]
-    finally:
-        engine.close()
+    result, calls = generate_recorded(engine, sample, 8)
     assert result.outputs[0].token_ids == truncated_at_eos(reference_ids(engine, sample, 8), engine.eos_ids)
     assert [kind for kind, _ in calls].count("prefill") == 1

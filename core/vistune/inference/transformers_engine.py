@@ -619,7 +619,6 @@ class TransformersEngine:
                 rows.append(_Row(job, i, text, RowSampler.make(sampling.temperature, sampling.top_p, seed)))
         inputs = self._collate(jobs)
         mask = inputs["attention_mask"]
-        padding = mask.shape[1] - mask.sum(dim=1)
         multimodal_positions = self._rope_owner is not None and any(
             key in inputs for key in ("image_grid_thw", "video_grid_thw")
         )
